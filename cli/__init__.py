@@ -1,0 +1,1 @@
+"""The xfeat command line: parses arguments and calls the library."""

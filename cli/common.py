@@ -1,0 +1,41 @@
+"""What every subcommand shares: argument types, progress bars, and one-line messages on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+from tqdm import tqdm
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """Parse ``HxW`` (e.g. ``2000x1000``) into ``(height, width)``."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 2000x1000, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"height and width must be positive, got {text!r}")
+    return height, width
+
+
+def say(message: str) -> None:
+    """Progress and summaries go to stderr; stdout is kept for results a script may read."""
+    print(message, file=sys.stderr)
+
+
+def add_common(parser: argparse.ArgumentParser, *, jobs: bool = True) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    if jobs:
+        parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                            help="worker processes (default: one per CPU core)")
+
+
+@contextmanager
+def progress_bar(total: int, description: str, quiet: bool) -> Iterator[tqdm]:
+    """A progress bar with images/s and time left on stderr; silent with ``--quiet`` or when not a terminal."""
+    with tqdm(total=total, desc=description, unit="img", disable=quiet or None, file=sys.stderr,
+              dynamic_ncols=True, leave=False) as bar:
+        yield bar

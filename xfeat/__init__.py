@@ -1,0 +1,3 @@
+"""xfeat: visual quality control with pretrained CNN features."""
+
+__version__ = "0.1.0"

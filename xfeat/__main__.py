@@ -1,0 +1,7 @@
+"""``python -m xfeat`` runs the command line (also what ``torchrun -m xfeat`` needs)."""
+
+import sys
+
+from xfeat.cli.main import main
+
+sys.exit(main())
