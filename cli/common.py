@@ -34,7 +34,7 @@ def add_common(parser: argparse.ArgumentParser, *, jobs: bool = True) -> None:
 
 
 @contextmanager
-def progress_bar(total: int, description: str, quiet: bool) -> Iterator[tqdm]:
+def progress_bar(total: int | None, description: str, quiet: bool) -> Iterator[tqdm]:
     """A progress bar with images/s and time left on stderr; silent with ``--quiet`` or when not a terminal."""
     with tqdm(total=total, desc=description, unit="img", disable=quiet or None, file=sys.stderr,
               dynamic_ncols=True, leave=False) as bar:

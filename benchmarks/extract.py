@@ -1,0 +1,89 @@
+"""Images/s of a naive per-image loop beside ``xfeat extract``, side by side in one run, as ratios.
+
+Naive loop, per image: read the TIFF, convert (m2), resize, normalise, run the model at batch 1 in fp32
+under no_grad. ``xfeat extract``: the real command's code path (decoding workers, batching, channels-last,
+folded BatchNorm, the default precision), one flip variant so both do the same number of forward passes.
+Random weights (``--weights none``): the same FLOPs as the pretrained models.
+
+    python benchmarks/extract.py [--images 6] [--backbones resnet34,resnet50] [--sizes 2000x1000,224x224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from xfeat.backbones import build_extractor
+from xfeat.convert import convert
+from xfeat.data import find_images
+from xfeat.extract import ExtractConfig, extract
+from xfeat.images import read_image
+from xfeat.scan import scan_dataset
+from xfeat.synth import make_dataset
+
+
+def naive_loop(paths, backbone: str, size: tuple[int, int], stats) -> float:
+    model = build_extractor(backbone, "none")
+    mean = torch.tensor(model.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.std).view(1, 3, 1, 1)
+    start = time.perf_counter()
+    for path in paths:
+        image = convert(read_image(path), "m2", stats)
+        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(np.repeat(image[None, None], 3, axis=1)).float() / 255
+        with torch.no_grad():
+            model.trunk((x - mean) / std)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def xfeat_extract(data: Path, backbone: str, size: tuple[int, int], precision: str, workdir: Path) -> float:
+    cache = workdir / f"{backbone}-{size[0]}x{size[1]}-{precision}.h5"
+    config = ExtractConfig(backbones=(backbone,), methods=("m2",), size=size, flips=1, weights="none",
+                           device="cpu", precision=precision)
+    summary = extract(data, cache, config)
+    # The time of the whole command, statistics pass and cache writing included.
+    return summary.computed / summary.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--backbones", default="resnet34,resnet50")
+    parser.add_argument("--sizes", default="2000x1000,224x224")
+    parser.add_argument("--precisions", default="auto,fp32", help="xfeat precisions to time")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="xfeat-bench-"))
+    try:
+        data = workdir / "data"
+        make_dataset(data, bundles=2, images=args.images, seed=0, jobs=2)
+        dataset = find_images(data)
+        stats = scan_dataset(dataset).window_stats()
+        paths = [r.path for r in dataset.records]
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+        precisions = args.precisions.split(",")
+        header = f"{'backbone':10s} {'size':>10s} {'naive img/s':>12s}" + "".join(
+            f" {'xfeat ' + p:>12s} {'ratio':>6s}" for p in precisions)
+        print(f"{args.images} synthetic electrode images, 2 cores, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        print(header)
+        for backbone in args.backbones.split(","):
+            for size in sizes:
+                naive = naive_loop(paths, backbone, size, stats)
+                row = f"{backbone:10s} {size[0]:>5d}x{size[1]:<4d} {naive:12.2f}"
+                for precision in precisions:
+                    rate = xfeat_extract(data, backbone, size, precision, workdir)
+                    row += f" {rate:12.2f} {rate / naive:5.2f}x"
+                print(row, flush=True)
+    finally:
+        shutil.rmtree(workdir)
+
+
+if __name__ == "__main__":
+    main()

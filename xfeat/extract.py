@@ -1,0 +1,269 @@
+"""The batch extractor: decode and convert in worker processes, batched inference, results into the cache.
+
+Each image is read and decoded once per run for all methods and backbones; each (image, method, backbone,
+flip) is computed once ever: what the cache already holds with the same file content is skipped, and an
+interrupted run resumes where it stopped. Batches are always padded to the same size, so an image's
+features do not depend on which other images shared its batch (bitwise-equal results after a resume).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from xfeat.backbones import build_extractor
+from xfeat.cache import FLIPS, CacheWriter, GroupSettings, Rows
+from xfeat.convert import NEEDS_STATS, check_method, convert
+from xfeat.data import Dataset, ImageRecord, Skipped, find_images, warn_leaks
+from xfeat.errors import DataError, XfeatError
+from xfeat.images import load_image
+from xfeat.inference import prepare_model, resolve_precision, runner, select_device
+from xfeat.scan import scan_dataset
+from xfeat.stats import WindowStats
+
+RESIZE = "cv2.INTER_AREA"
+PIXEL_BUDGET = 16_000_000  # input pixels per forward pass: ~2 images x 4 flips at 2000 x 1000
+COMMIT_EVERY_S = 300.0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to compute: backbones x methods at one input size, with 1, 2 or 4 flip variants."""
+
+    backbones: tuple[str, ...] = ("resnet34",)
+    methods: tuple[str, ...] = ("m1", "m2", "m3", "m4")
+    size: tuple[int, int] = (2000, 1000)
+    flips: int = 4
+    weights: str = "imagenet"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None  # images per forward pass (each gives `flips` samples)
+    workers: int | None = None  # decoding processes; 0 decodes in this process
+    jobs: int | None = None  # processes for the statistics pass
+    stats: WindowStats | None = None
+
+    def validate(self) -> None:
+        if not self.backbones or not self.methods:
+            raise XfeatError("give at least one backbone and one method")
+        for method in self.methods:
+            check_method(method)
+        if self.flips not in (1, 2, 4):
+            raise XfeatError(f"--flips must be 1, 2 or 4, not {self.flips}")
+        if min(self.size) < 16:
+            raise XfeatError(f"input size {self.size[0]}x{self.size[1]} is too small (at least 16x16)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise XfeatError("--batch-size must be at least 1")
+
+    @property
+    def flip_names(self) -> tuple[str, ...]:
+        return FLIPS[: self.flips]
+
+    def images_per_batch(self) -> int:
+        if self.batch_size:
+            return self.batch_size
+        return max(1, min(64, PIXEL_BUDGET // (self.size[0] * self.size[1] * self.flips)))
+
+
+@dataclass
+class ExtractSummary:
+    computed: int = 0  # images whose features were computed in this run
+    cached: int = 0  # images already in the cache for every group
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+    cache_bytes: int = 0
+    groups: list[str] = field(default_factory=list)
+    device: str = ""
+    precision: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One image to decode, and the methods its features are missing for."""
+
+    record: ImageRecord
+    methods: tuple[str, ...]
+
+
+class _ConvertedImages(TorchDataset):
+    """Reads one image and gives its conversions for the needed methods, resized: runs in loader workers."""
+
+    def __init__(self, work: Sequence[_Work], size: tuple[int, int], stats: WindowStats | None) -> None:
+        self.work, self.size, self.stats = work, size, stats
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.work[i]
+        try:
+            image = load_image(item.record.path)
+            pixels = {m: _to_input(convert(image.pixels, m, self.stats), self.size) for m in item.methods}
+        except XfeatError as e:
+            problem = e.problem if isinstance(e, DataError) else str(e)
+            return {"index": i, "problem": problem}
+        h, w = image.pixels.shape
+        return {"index": i, "problem": "", "sha256": image.sha256, "height": h, "width": w, "pixels": pixels}
+
+
+def _to_input(converted: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (H, W) and lay out as [C, H, W] uint8 (C = 1 for gray methods, 3 for m4)."""
+    height, width = size
+    resized = cv2.resize(converted, (width, height), interpolation=cv2.INTER_AREA)
+    return resized[None] if resized.ndim == 2 else np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items  # stacking happens per method in the main process, where it knows which images need what
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the cores belong to inference; decoding is light
+    cv2.setNumThreads(1)
+
+
+def _flip_variants(x: torch.Tensor, flips: Sequence[str]) -> torch.Tensor:
+    """[k, C, H, W] -> [k * F, C, H, W], image-major: each image's flip variants side by side."""
+    variants = {"none": x, "h": x.flip(3), "v": x.flip(2), "hv": x.flip(2, 3)}
+    return torch.stack([variants[f] for f in flips], dim=1).flatten(0, 1)
+
+
+def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str], config: ExtractConfig, *,
+            skip_bad: bool = False, progress: Callable[[int], None] | None = None,
+            on_plan: Callable[[int, int], None] | None = None) -> ExtractSummary:
+    """Compute the missing features of ``data`` into ``cache``; see the module docstring.
+
+    ``on_plan(to_compute, already_cached)`` is called once the work is known (for a progress bar);
+    ``progress(n)`` after each batch with the number of images finished.
+    """
+    start = time.perf_counter()
+    config.validate()
+    dataset = data if isinstance(data, Dataset) else find_images(data, skip_bad=skip_bad)
+    device = select_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    extractors = {name: build_extractor(name, config.weights) for name in config.backbones}
+    summary = ExtractSummary(device=str(device), precision=precision)
+
+    with CacheWriter(cache) as writer:
+        scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad)
+        warn_leaks(scan.records, [s.sha256 for s in scan.images])
+        summary.skipped = list(scan.skipped)
+        needs_stats = any(m in NEEDS_STATS for m in config.methods)
+        stats = config.stats or writer.window_stats() or (scan.window_stats() if needs_stats else None)
+        groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
+                  for b in config.backbones for m in config.methods}
+        writer.prepare(list(groups.values()),
+                       {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
+                       stats if needs_stats else None)
+        work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
+        summary.cached = len(scan.records) - len(work)
+        summary.groups = [g.key for g in groups.values()]
+        if on_plan:
+            on_plan(len(work), summary.cached)
+        if work:
+            models = {b: runner(prepare_model(e, device), device, precision) for b, e in extractors.items()}
+            summary.computed = _compute(work, groups, models, writer, config, stats, device, skip_bad,
+                                        summary.skipped, progress)
+    summary.seconds = time.perf_counter() - start
+    summary.cache_bytes = Path(cache).stat().st_size
+    return summary
+
+
+def _settings(extractor, backbone: str, method: str, config: ExtractConfig, precision: str,
+              stats: WindowStats | None) -> GroupSettings:
+    return GroupSettings(
+        backbone=backbone, method=method, input_height=config.size[0], input_width=config.size[1],
+        flips=",".join(config.flip_names), feature_dim=int(extractor.feature_dim),
+        weights_kind=extractor.weights.kind, weights_name=extractor.weights.name,
+        weights_sha256=extractor.weights.sha256, mean=tuple(extractor.mean), std=tuple(extractor.std),
+        resize=RESIZE, precision=precision, g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1)
+
+
+def _plan(writer: CacheWriter, groups: dict[tuple[str, str], GroupSettings], records: Sequence[ImageRecord],
+          hashes: Sequence[str]) -> list[_Work]:
+    """Which images need which methods; labels or bundles changed for cached images are updated in place."""
+    missing: dict[int, set[str]] = {}
+    for (_, method), settings in groups.items():
+        cached = writer.cached_images(settings.key)
+        relabelled = []
+        for i, (record, sha) in enumerate(zip(records, hashes)):
+            held = cached.get(str(record.path))
+            if held is None or held[0] != sha:
+                missing.setdefault(i, set()).add(method)
+            elif held[1:] != (record.relpath, record.bundle, record.label):
+                relabelled.append(record)
+        if relabelled:
+            writer.add({settings.key: Rows(None, [str(r.path) for r in relabelled], [r.relpath for r in relabelled],
+                                           [r.bundle for r in relabelled], [r.label for r in relabelled])})
+    methods_in_order = list(dict.fromkeys(m for _, m in groups))
+    return [_Work(records[i], tuple(m for m in methods_in_order if m in methods))
+            for i, methods in sorted(missing.items())]
+
+
+def _rows(features: np.ndarray, records: Sequence[ImageRecord], items: Sequence[dict]) -> Rows:
+    return Rows(features=features, path=[str(r.path) for r in records], relpath=[r.relpath for r in records],
+                bundle=[r.bundle for r in records], label=[r.label for r in records],
+                sha256=[it["sha256"] for it in items], height=[it["height"] for it in items],
+                width=[it["width"] for it in items])
+
+
+def _compute(work: list[_Work], groups, models, writer: CacheWriter, config: ExtractConfig,
+             stats: WindowStats | None, device: torch.device, skip_bad: bool, skipped: list,
+             progress: Callable[[int], None] | None) -> int:
+    per_batch = config.images_per_batch()
+    workers = min(2, os.cpu_count() or 1) if config.workers is None else config.workers
+    loader = DataLoader(_ConvertedImages(work, config.size, stats), batch_size=per_batch, shuffle=False,
+                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
+                        # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
+                        multiprocessing_context="spawn" if workers else None)
+    computed = 0
+    last_commit = time.monotonic()
+    for batch in loader:
+        good = []
+        for item in batch:
+            if item["problem"]:
+                record = work[item["index"]].record
+                if not skip_bad:
+                    raise DataError(record.path, item["problem"])
+                skipped.append(Skipped(str(record.path), item["problem"]))
+            else:
+                good.append(item)
+        rows_by_key = {}
+        for (backbone, method), settings in groups.items():
+            items = [it for it in good if method in work[it["index"]].methods]
+            if not items:
+                continue
+            x = torch.from_numpy(np.stack([it["pixels"][method] for it in items]))
+            features = _features(models[backbone], x, config.flip_names, per_batch)
+            rows_by_key[settings.key] = _rows(features, [work[it["index"]].record for it in items], items)
+        if rows_by_key:
+            writer.add(rows_by_key)
+        computed += len(good)
+        if progress:
+            progress(len(batch))
+        if time.monotonic() - last_commit > COMMIT_EVERY_S:
+            writer.commit()
+            last_commit = time.monotonic()
+    return computed
+
+
+def _features(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[str],
+              per_batch: int) -> np.ndarray:
+    """[k, C, H, W] uint8 -> [k, F, D] float32, padded to a fixed batch so results never depend on k."""
+    k = x.shape[0]
+    if k < per_batch:
+        x = torch.cat([x, x.new_zeros((per_batch - k, *x.shape[1:]))])
+    features = run(_flip_variants(x, flips))
+    return features[: k * len(flips)].reshape(k, len(flips), -1).numpy()
