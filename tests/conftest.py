@@ -34,3 +34,23 @@ def write_dataset(root: Path, layout: dict[str, dict[str, int]], shape=(40, 24))
 @pytest.fixture
 def small_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data", {"B1": {"normal": 3, "abnormal": 1}, "B2": {"normal": 2, "abnormal": 2}})
+
+
+def write_feature_cache(path: Path, X: np.ndarray, y, bundles, *, backbone="toy", method="m2", fc=None,
+                        weights_kind="none") -> Path:
+    """A real cache holding given features ([N, F, D]), written through the same writer xfeat extract uses."""
+    from xfeat.cache import CacheWriter, GroupSettings, Rows
+
+    n, flips, dim = X.shape
+    settings = GroupSettings(backbone=backbone, method=method, input_height=8, input_width=8,
+                             flips=",".join(("none", "h", "v", "hv")[:flips]), feature_dim=dim,
+                             weights_kind=weights_kind, weights_name=weights_kind, weights_sha256="",
+                             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="cv2.INTER_AREA", precision="fp32")
+    rng = np.random.default_rng(0)
+    fc_weight, fc_bias = fc if fc is not None else (rng.normal(0, 0.05, (1000, dim)), np.zeros(1000))
+    with CacheWriter(path) as writer:
+        writer.prepare([settings], {backbone: (fc_weight, fc_bias)}, None)
+        paths = [f"/data/{b}/img{i}.tif" for i, b in enumerate(bundles)]
+        writer.add({settings.key: Rows(np.asarray(X, np.float32), paths, [p[6:] for p in paths], list(bundles),
+                                       [int(v) for v in y], [f"{i:064x}" for i in range(n)], [8] * n, [8] * n)})
+    return path

@@ -281,3 +281,18 @@ def test_bad_image_stops_extraction_naming_it_and_skip_bad_goes_on(tmp_path, sma
     assert main(["extract", str(small_dataset), "--cache", str(cache), *EXTRACT_ARGS, "--skip-bad"]) == 0
     assert f"skipped {bad}" in capsys.readouterr().err
     assert load_features(cache, "resnet18", "m1", size="96x48").X.shape[0] == 8
+
+
+def test_offline_efficientnet_lite0_with_real_imagenet_weights(tmp_path):
+    data = tmp_path / "s"
+    from xfeat.synth import make_dataset
+    make_dataset(data, bundles=2, images=4, size=(128, 64), seed=3, jobs=1)
+    cache = tmp_path / "c.h5"
+    config = ExtractConfig(backbones=("efficientnet_lite0",), methods=("m2",), size=(96, 64), flips=2,
+                           weights="imagenet", device="cpu", workers=0, jobs=1)
+    assert extract(data, cache, config).computed == 4
+    fs = load_features(cache, "efficientnet_lite0", "m2", layer="fc1000")
+    assert fs.X.shape == (4, 1000) and not fs.random_weights
+    assert fs.settings.weights_name == "efficientnet-lite0-57934424.pth"
+    assert fs.settings.weights_sha256.startswith("57934424")
+    assert fs.settings.mean == (0.5, 0.5, 0.5)

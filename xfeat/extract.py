@@ -156,11 +156,14 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
     summary = ExtractSummary(device=str(device), precision=precision)
 
     with CacheWriter(cache) as writer:
-        scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad)
+        needs_stats = any(m in NEEDS_STATS for m in config.methods)
+        stats = config.stats or writer.window_stats()
+        # Decoding every image before extraction is only worth it for statistics nobody has yet.
+        scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None)
         warn_leaks(scan.records, [s.sha256 for s in scan.images])
         summary.skipped = list(scan.skipped)
-        needs_stats = any(m in NEEDS_STATS for m in config.methods)
-        stats = config.stats or writer.window_stats() or (scan.window_stats() if needs_stats else None)
+        if needs_stats and stats is None:
+            stats = scan.window_stats()
         groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
                   for b in config.backbones for m in config.methods}
         writer.prepare(list(groups.values()),

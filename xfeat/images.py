@@ -43,6 +43,12 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     return LoadedImage(decode_image(data, path), hashlib.sha256(data).hexdigest())
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in blocks: an image's identity without decoding it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """The pixels of a grayscale TIFF or PNG as a 2-D ``uint8`` or ``uint16`` array."""
     return load_image(path).pixels

@@ -14,7 +14,7 @@ import numpy as np
 
 from xfeat.data import Dataset, ImageRecord, Skipped
 from xfeat.errors import DataError
-from xfeat.images import load_image
+from xfeat.images import file_sha256, load_image
 from xfeat.parallel import map_chunks
 from xfeat.stats import N_LEVELS, WindowStats, pixel_histogram, window_stats
 
@@ -41,8 +41,20 @@ class Scan:
     skipped: tuple[Skipped, ...]
 
     def window_stats(self, *, low: float = 0.01, high: float = 99.99, round_to: int | None = 100) -> WindowStats:
+        if not self.bit_depth:
+            raise ValueError("a scan made with decode=False has no pixel histogram")
         return window_stats(self.histogram, n_images=len(self.records), bit_depth=self.bit_depth, low=low,
                             high=high, round_to=round_to)
+
+
+def _hash_chunk(paths: Sequence[Path]) -> tuple[np.ndarray, list[ScannedImage]]:
+    scanned = []
+    for path in paths:
+        try:
+            scanned.append(ScannedImage(file_sha256(path)))
+        except OSError as e:
+            scanned.append(ScannedImage(problem=f"cannot read file ({e.strerror or e})"))
+    return np.zeros(N_LEVELS, dtype=np.int64), scanned
 
 
 def _scan_chunk(paths: Sequence[Path]) -> tuple[np.ndarray, list[ScannedImage]]:
@@ -60,13 +72,17 @@ def _scan_chunk(paths: Sequence[Path]) -> tuple[np.ndarray, list[ScannedImage]]:
     return hist, scanned
 
 
-def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = False,
+def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = False, decode: bool = True,
                  progress: Callable[[int], None] | None = None) -> Scan:
-    """Read every image once; raise on the first bad file unless ``skip_bad``."""
+    """Read every image once; raise on the first bad file unless ``skip_bad``.
+
+    ``decode=False`` only hashes the files (no histogram, sizes or depth): enough to know what a cache
+    already holds, at the cost of reading the bytes, not decoding them.
+    """
     paths = [r.path for r in dataset.records]
     hist = np.zeros(N_LEVELS, dtype=np.int64)
     scanned: list[ScannedImage] = []
-    for chunk, (chunk_hist, chunk_scanned) in map_chunks(_scan_chunk, paths, jobs=jobs):
+    for chunk, (chunk_hist, chunk_scanned) in map_chunks(_scan_chunk if decode else _hash_chunk, paths, jobs=jobs):
         for path, image in zip(chunk, chunk_scanned):
             if image.problem and not skip_bad:
                 raise DataError(path, image.problem)
@@ -81,7 +97,7 @@ def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = 
     if not kept:
         raise DataError(dataset.source, "no readable images")
     depths = {s.bit_depth for _, s in kept}
-    if len(depths) > 1:
+    if len(depths) > 1 and decode:
         first = {s.bit_depth: r.path for r, s in reversed(kept)}
         raise DataError(dataset.source, f"mixes 8-bit and 16-bit images (e.g. {first[8]} and {first[16]}); "
                                         "convert them to one depth first")

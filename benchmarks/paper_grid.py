@@ -1,0 +1,72 @@
+"""Time of the fuel-cell paper's whole grid on a cache: 4 methods x 12 folds x 50 epochs of ``fc``, plus ``svm``.
+
+The cache holds 714 images in 12 bundles (152 abnormal, some bundles without any) with ResNet-34-shaped
+features (4 flips x 512, and its 1000 x 512 fc): random numbers, since timing depends on shapes only. The
+paper recomputed the trunk in every epoch on a GPU; here the heads of all folds train together on the cache.
+
+    python benchmarks/paper_grid.py [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xfeat.cache import CacheWriter, GroupSettings, Rows
+from xfeat.evaluate import PAPER, configurations, evaluate
+from xfeat.synth import plan_dataset
+
+N_IMAGES, N_BUNDLES, N_ABNORMAL, FLIPS, DIM = 714, 12, 152, 4, 512
+
+
+def write_cache(path: Path, methods: tuple[str, ...]) -> None:
+    """A real cache with the paper's dataset shape; the bundle/label plan is xfeat synth's default one."""
+    plans, _ = plan_dataset(bundles=N_BUNDLES, images=N_IMAGES, abnormal_fraction=N_ABNORMAL / N_IMAGES, seed=0)
+    bundles = [p.bundle for p in plans]
+    labels = [int(p.label == "abnormal") for p in plans]
+    rng = np.random.default_rng(0)
+    fc = (rng.normal(0, 0.03, (1000, DIM)).astype(np.float32), np.zeros(1000, np.float32))
+    groups = [GroupSettings(backbone="resnet34", method=m, input_height=2000, input_width=1000,
+                            flips="none,h,v,hv", feature_dim=DIM, weights_kind="none", weights_name="none",
+                            weights_sha256="", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                            resize="cv2.INTER_AREA", precision="fp32") for m in methods]
+    with CacheWriter(path) as writer:
+        writer.prepare(groups, {"resnet34": fc}, None)
+        for g in groups:
+            X = np.abs(rng.normal(0, 1, (N_IMAGES, FLIPS, DIM))).astype(np.float32)
+            X[np.array(labels) == 1, :, :32] += 0.5
+            paths = [f"/bench/{b}/{i}.tif" for i, b in enumerate(bundles)]
+            writer.add({g.key: Rows(X, paths, paths, bundles, labels, [f"{i:064x}" for i in range(N_IMAGES)],
+                                    [2084] * N_IMAGES, [1169] * N_IMAGES)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=50)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp, "grid.h5")
+        write_cache(cache, PAPER["methods"])
+        rows = []
+        for clfs in (("fc",), ("svm",), ("fc", "svm")):
+            configs = configurations(PAPER["backbones"], PAPER["methods"], clfs)
+            params = {"fc": {**PAPER["params"]["fc"], "epochs": args.epochs}}
+            start = time.perf_counter()
+            results = evaluate(cache, configs, params=params, jobs=args.jobs)
+            seconds = time.perf_counter() - start
+            folds = sum(len(r.bundles) for r in results)
+            rows.append((" + ".join(clfs), len(configs), folds, seconds))
+    print(f"paper grid on a {N_IMAGES}-image cache ({N_BUNDLES} bundles, {FLIPS} flips x {DIM}-d), "
+          f"{args.epochs} epochs, jobs={args.jobs}")
+    print(f"{'classifiers':12s} {'configs':>8s} {'folds':>6s} {'seconds':>8s}")
+    for name, n_configs, folds, seconds in rows:
+        print(f"{name:12s} {n_configs:8d} {folds:6d} {seconds:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

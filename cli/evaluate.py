@@ -1,0 +1,90 @@
+"""``xfeat evaluate``: leave-one-bundle-out comparison of classifiers on cached features."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from xfeat.cli.common import add_common, say
+from xfeat.errors import XfeatError
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="compare classifiers by leave-one-bundle-out on cached features",
+        description="For each (backbone, method, classifier), train on all bundles but one and test on it, for "
+                    "every bundle; print the paper's Table 1 per classifier and write results to --report DIR.")
+    p.add_argument("cache", help="HDF5 feature cache written by xfeat extract")
+    p.add_argument("--clf", type=_names, default=("fc", "svm"),
+                   help="comma-separated classifiers: fc, svm, logreg, knn, mahalanobis (default fc,svm)")
+    p.add_argument("--methods", type=_names, default=None, help="methods (default: every method in the cache)")
+    p.add_argument("--backbone", type=_names, default=None,
+                   help="backbones (default: the cache's only backbone, or resnet34)")
+    p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
+                   help="feature layer (default: fc1000 for svm as in the ResNet-50 paper, pool otherwise)")
+    p.add_argument("--size", default=None, metavar="HxW", help="input size group (default: the only one)")
+    p.add_argument("--epochs", type=int, default=None, help="fc: training epochs (default 50)")
+    p.add_argument("--class-weight", choices=("balanced",), default=None,
+                   help="weight the loss by inverse class frequency (fc, svm, logreg)")
+    p.add_argument("--seed", type=int, default=0, help="fc: random seed")
+    p.add_argument("--paper", action="store_true",
+                   help="the fuel-cell paper's protocol: resnet34, m1-m4, fc with its hyper-parameters")
+    p.add_argument("--report", metavar="DIR", help="write results.csv, results.json, predictions.csv, report.html")
+    p.add_argument("--json", action="store_true", help="print the overall records as JSON on stdout")
+    add_common(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xfeat.evaluate import PAPER, configurations, evaluate
+    from xfeat.features import list_groups
+    from xfeat.report import format_tables, write_results
+
+    start = time.perf_counter()
+    groups = list_groups(args.cache)
+    if not groups:
+        raise XfeatError(f"{args.cache}: holds no features yet; run xfeat extract first")
+    if args.paper:
+        backbones, methods, classifiers = PAPER["backbones"], PAPER["methods"], PAPER["classifiers"]
+        params = {k: dict(v) for k, v in PAPER["params"].items()}
+    else:
+        backbones = args.backbone or _default_backbone(groups, args.cache)
+        methods = args.methods or tuple(dict.fromkeys(g.method for g in groups if g.backbone in backbones))
+        classifiers, params = args.clf, {}
+    for clf in classifiers:
+        params.setdefault(clf, {})
+        if args.class_weight and clf in ("fc", "svm", "logreg"):
+            params[clf]["class_weight"] = args.class_weight
+    if "fc" in params:
+        params["fc"]["seed"] = args.seed
+        if args.epochs is not None:
+            params["fc"]["epochs"] = args.epochs
+    configs = configurations(backbones, methods, classifiers, layer=args.layer, size=args.size)
+    results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1)
+    print(format_tables(results))
+    if args.report:
+        written = write_results(results, args.report)
+        if not args.quiet:
+            say(f"wrote {', '.join(str(p) for p in written.values())}")
+    if args.json:
+        print(json.dumps([r for res in results for r in res.records() if r["bundle"] == "overall"], indent=1))
+    if not args.quiet:
+        say(f"evaluated {len(configs)} configurations x {len(results[0].bundles)} bundles in "
+            f"{time.perf_counter() - start:.1f} s")
+    if any(r.features.random_weights for r in results):
+        say("xfeat: warning: features from random weights (--weights none): not ImageNet features")
+    return 0
+
+
+def _default_backbone(groups, cache) -> tuple[str, ...]:
+    backbones = list(dict.fromkeys(g.backbone for g in groups))
+    if len(backbones) == 1:
+        return (backbones[0],)
+    if "resnet34" in backbones:
+        return ("resnet34",)
+    raise XfeatError(f"{cache}: holds several backbones ({', '.join(backbones)}); choose with --backbone")
