@@ -66,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
             params["fc"]["epochs"] = args.epochs
     configs = configurations(backbones, methods, classifiers, layer=args.layer, size=args.size)
     results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1)
-    print(format_tables(results))
+    if args.json:  # stdout is for the script reading the JSON; the tables go to the person
+        if not args.quiet:
+            say(format_tables(results))
+    else:
+        print(format_tables(results))
     if args.report:
         written = write_results(results, args.report)
         if not args.quiet:

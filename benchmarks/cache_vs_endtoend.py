@@ -1,0 +1,409 @@
+"""Cache once, train many times: the fc head on cached features beside the paper's network trained end to end.
+
+Both paths run leave-one-bundle-out (one fold per bundle) on the same small synthetic dataset, one conversion
+method (m2), the same backbone and input size, and train the same network the same way:
+
+* **cache**: ``xfeat.extract.extract`` computes the pooled trunk features of every image in its 4 flip
+  variants (none, h, v, hv) once, into a temporary HDF5 cache; then ``FCHead.fit_many`` trains the fc head of
+  every fold on the cache, replaying the flips from it. Timed: the whole extraction call (statistics pass,
+  decoding, inference with BatchNorm folded and channels-last, cache writing), loading the cache, training the
+  heads and predicting.
+* **end to end**: the fuel-cell paper's network, image in, class out: the frozen trunk (eval mode, so BatchNorm
+  uses its running statistics; no gradients) -> the trainable fc (from the backbone's own fc) -> 512 -> 256 -> 2,
+  trained with ``torch.optim.SGD`` (momentum) + ``StepLR`` and ``CrossEntropyLoss``, one fold after the other.
+  Each epoch the flips are applied to the images and the trunk runs on every training sample again, as in the
+  paper. Timed: the statistics pass, decoding and converting every image once (kept in memory: the end-to-end
+  path is spared re-reading files each epoch), training and predicting.
+
+Same draws: each fold's head starts from ``init_head(D, seed, fc)`` and takes its sample order and flips from
+``epoch_plan`` with ``default_rng(seed)``, exactly as ``xfeat.heads`` does, so the mini-batches, the flip
+variant of every sample and the initial weights are identical; only where the trunk's output comes from differs.
+The extractor runs the trunk with BatchNorm folded into the convolutions and channels-last memory, at a
+different batch size; the end-to-end trunk is the plain module. That changes float rounding only, and the
+table says by how much (trunk features, out-of-fold probabilities and scores, decisions, final head weights).
+A control column trains the same torch loop on the cached features instead of the trunk: it separates what the
+optimiser implementations contribute (torch's autograd + SGD vs xfeat's hand-written batched one) from what the
+trunk's rounding contributes.
+
+The last lines extrapolate the wall-time ratio to the paper's setting (714 images, 12 bundles, 4 methods,
+50 epochs, 2000 x 1000 input) from the measured cost of one trunk forward at that size (one image, this CPU;
+``--no-full-forward`` scales this run's per-forward cost by pixels instead) and the measured per-sample cost of
+a head training step in each path (end to end: this run's torch steps; cache: two epochs of ``fit_many`` on
+random features of the paper's shape, 12 folds x 714 images, since at this run's size per-step overheads would
+dominate). It is an extrapolation, not a run.
+
+Both paths run in this process on equal terms: torch single-threaded (``--threads``; on this shared 2-core
+machine a second thread made the trunk up to 10x slower), no worker processes (``--workers N`` gives the
+extraction its decoding processes, whose start-up costs ~10 s here and pays off only on large images).
+
+    python benchmarks/cache_vs_endtoend.py [--images 64] [--bundles 4] [--size 96x48] [--epochs 20]
+                                           [--backbone resnet34] [--weights none] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from xfeat.backbones import build_extractor
+from xfeat.classify import FCHead
+from xfeat.convert import convert
+from xfeat.data import find_images
+from xfeat.extract import ExtractConfig, extract
+from xfeat.features import load_features
+from xfeat.heads import HeadConfig, class_weights, epoch_plan, init_head
+from xfeat.images import load_image
+from xfeat.scan import scan_dataset
+from xfeat.synth import make_dataset
+
+METHOD = "m2"
+N_VARIANTS = 4  # none, h, v, hv: variant = h + 2 v
+PAPER = {"images": 714, "bundles": 12, "methods": 4, "epochs": 50, "size": (2000, 1000)}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, width = (int(v) for v in text.lower().split("x"))
+    return height, width
+
+
+# --- cache path -----------------------------------------------------------------------------------------------
+
+@dataclass
+class CacheRun:
+    X: np.ndarray  # [N, 4, D] cached pooled features, row order of the cache
+    y: np.ndarray
+    groups: np.ndarray
+    paths: np.ndarray
+    fc: tuple[np.ndarray, np.ndarray]
+    heads: list[FCHead]
+    proba: np.ndarray  # out-of-fold P(abnormal)
+    score: np.ndarray  # out-of-fold logit(abnormal) - logit(normal)
+    decision: np.ndarray
+    g_min_max: tuple[int, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fold_masks(groups: np.ndarray) -> list[np.ndarray]:
+    """Test mask of each leave-one-bundle-out fold, bundles in sorted order."""
+    return [groups == b for b in sorted(set(groups))]
+
+
+def run_cache_path(data: Path, cache: Path, args, config: HeadConfig) -> CacheRun:
+    start = time.perf_counter()
+    extract(data, cache, ExtractConfig(backbones=(args.backbone,), methods=(METHOD,), size=args.size,
+                                       flips=N_VARIANTS, weights=args.weights, device="cpu", precision="fp32",
+                                       workers=args.workers, jobs=1))
+    extracted = time.perf_counter()
+    fs = load_features(cache, args.backbone, METHOD, flips="all")
+    loaded = time.perf_counter()
+    tests = fold_masks(fs.groups)
+    template = FCHead(epochs=config.epochs, lr=config.lr, lr_step=config.lr_step, lr_gamma=config.lr_gamma,
+                      batch_size=config.batch_size, optimizer=config.optimizer, momentum=config.momentum,
+                      class_weight=config.class_weight, seed=args.seed, fc_weight=fs.fc_weight, fc_bias=fs.fc_bias)
+    heads = template.fit_many(fs.X, fs.y, [~m for m in tests])
+    proba, score, decision = np.zeros(len(fs.y)), np.zeros(len(fs.y)), np.zeros(len(fs.y), np.int64)
+    for head, mask in zip(heads, tests):
+        proba[mask] = head.predict_proba(fs.X[mask])[:, 1]
+        score[mask] = head.decision_function(fs.X[mask])
+        decision[mask] = head.predict(fs.X[mask])
+    done = time.perf_counter()
+    stats = fs.window_stats
+    return CacheRun(fs.X, fs.y, fs.groups, fs.paths, (fs.fc_weight, fs.fc_bias), heads, proba, score, decision,
+                    (stats.g_min, stats.g_max),
+                    {"extract": extracted - start, "load": loaded - extracted, "heads": done - loaded})
+
+
+# --- end-to-end path ------------------------------------------------------------------------------------------
+
+@dataclass
+class TorchRun:
+    """The paper's network trained with plain torch, fold after fold; features from the trunk or the cache."""
+
+    nets: list[nn.Sequential]
+    proba: np.ndarray
+    score: np.ndarray
+    decision: np.ndarray
+    seen: np.ndarray  # [N, 4, D] features the head was fed (NaN where a variant was never drawn)
+    g_min_max: tuple[int, int] = (0, 0)
+    forwards: int = 0  # trunk forwards (one per image)
+    sample_steps: int = 0  # training samples through the head, over all folds and epochs
+    seconds: dict[str, float] = field(default_factory=lambda: {"prepare": 0.0, "trunk": 0.0, "head": 0.0})
+
+
+Features = Callable[[np.ndarray, np.ndarray], torch.Tensor]  # (rows, flip variants) -> [B, D]
+
+
+def load_images(data: Path, order: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Every image read, converted (m2, the dataset's window) and resized as the extractor does, in ``order``."""
+    dataset = find_images(data)
+    stats = scan_dataset(dataset, jobs=1).window_stats()
+    by_path = {str(r.path): r for r in dataset.records}
+    images = []
+    for path in order:
+        converted = convert(load_image(by_path[path].path).pixels, METHOD, stats)
+        images.append(cv2.resize(converted, (size[1], size[0]), interpolation=cv2.INTER_AREA)[None])
+    return torch.from_numpy(np.stack(images)), (stats.g_min, stats.g_max)
+
+
+def flip(images: torch.Tensor, variant: np.ndarray) -> torch.Tensor:
+    """Each image [C, H, W] in its flip variant h + 2 v: h flips the width, v the height, as the extractor does."""
+    h = torch.from_numpy(variant & 1 > 0).view(-1, 1, 1, 1)
+    v = torch.from_numpy(variant & 2 > 0).view(-1, 1, 1, 1)
+    images = torch.where(h, images.flip(3), images)
+    return torch.where(v, images.flip(2), images)
+
+
+def trunk_features(trunk, images: torch.Tensor) -> Features:
+    """End to end: the frozen trunk runs on the flipped images, every time."""
+    def features(rows, variant):
+        with torch.no_grad():
+            return trunk(flip(images[torch.from_numpy(rows)], variant))
+    return features
+
+
+def cached_features(X: np.ndarray) -> Features:
+    """The control: the same torch training loop, fed from the cache instead of the trunk."""
+    return lambda rows, variant: torch.from_numpy(X[rows, variant])
+
+
+def train_fold(features: Features, fc, y: torch.Tensor, train_rows: np.ndarray, config: HeadConfig, seed: int,
+               run: TorchRun) -> nn.Sequential:
+    """The paper's network on one fold: fresh features in every step, head trained with torch's SGD + StepLR."""
+    net = init_head(fc[0].shape[1], seed, *fc)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
+    weight = torch.tensor(class_weights(y[train_rows].numpy(), config.class_weight), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)  # the weighted mean, as xfeat.heads computes it
+    rng = np.random.default_rng(seed)
+    for _ in range(config.epochs):
+        order, variant = epoch_plan(rng, len(train_rows), N_VARIANTS, config.flips)
+        rows = train_rows[order]
+        for start in range(0, len(rows), config.batch_size):
+            batch, flips = rows[start:start + config.batch_size], variant[start:start + config.batch_size]
+            t0 = time.perf_counter()
+            x = features(batch, flips)
+            t1 = time.perf_counter()
+            optimizer.zero_grad()
+            loss_fn(net(x), y[batch]).backward()
+            optimizer.step()
+            t2 = time.perf_counter()
+            run.seconds["trunk"] += t1 - t0
+            run.seconds["head"] += t2 - t1
+            run.forwards += len(batch)
+            run.sample_steps += len(batch)
+            run.seen[batch, flips] = x.numpy()
+        schedule.step()
+    return net
+
+
+def train_folds(features: Features, fc, y: np.ndarray, groups: np.ndarray, config: HeadConfig, seed: int,
+                run: TorchRun) -> TorchRun:
+    """Leave-one-bundle-out: train each fold's network, then score its held-out bundle (unflipped)."""
+    targets = torch.from_numpy(y)
+    for test in fold_masks(groups):
+        net = train_fold(features, fc, targets, np.flatnonzero(~test), config, seed, run)
+        rows = np.flatnonzero(test)
+        t0 = time.perf_counter()
+        x = features(rows, np.zeros(len(rows), np.int64))
+        run.seconds["trunk"] += time.perf_counter() - t0
+        run.forwards += len(rows)
+        with torch.no_grad():
+            logits = net(x).double()
+        run.proba[test] = logits.softmax(1)[:, 1].numpy()
+        run.score[test] = (logits[:, 1] - logits[:, 0]).numpy()
+        run.decision[test] = (run.score[test] > 0).astype(np.int64)
+        run.nets.append(net)
+    return run
+
+
+def empty_run(n: int, dim: int) -> TorchRun:
+    seen = np.full((n, N_VARIANTS, dim), np.nan, np.float32)
+    return TorchRun([], np.zeros(n), np.zeros(n), np.zeros(n, np.int64), seen)
+
+
+def run_end_to_end(data: Path, cache: CacheRun, args, config: HeadConfig) -> TorchRun:
+    start = time.perf_counter()
+    trunk = build_extractor(args.backbone, args.weights)  # eval mode, frozen: the plain module, nothing folded
+    images, g_min_max = load_images(data, cache.paths, args.size)  # rows in the cache's order: same folds, draws
+    run = empty_run(len(cache.y), trunk.feature_dim)
+    run.g_min_max = g_min_max
+    run.seconds["prepare"] = time.perf_counter() - start
+    fc = (trunk.fc_weight.numpy(), trunk.fc_bias.numpy())
+    return train_folds(trunk_features(trunk, images), fc, cache.y, cache.groups, config, args.seed, run)
+
+
+def run_control(cache: CacheRun, args, config: HeadConfig) -> TorchRun:
+    run = empty_run(*cache.X.shape[::2])
+    return train_folds(cached_features(cache.X), cache.fc, cache.y, cache.groups, config, args.seed, run)
+
+
+# --- comparison and extrapolation --------------------------------------------------------------------------
+
+def max_weight_difference(heads: list[FCHead], nets: list[nn.Sequential]) -> float:
+    worst = 0.0
+    for head, net in zip(heads, nets):
+        linears = [m for m in net if isinstance(m, nn.Linear)]
+        for coef, intercept, lin in zip(head.coefs_, head.intercepts_, linears):
+            worst = max(worst, np.abs(coef - lin.weight.detach().numpy().T).max(),
+                        np.abs(intercept - lin.bias.detach().numpy()).max())
+    return float(worst)
+
+
+def full_size_forward_seconds(backbone: str, weights: str, size: tuple[int, int]) -> float:
+    """Seconds of one plain trunk forward of one image at ``size`` (the paper's 2000 x 1000)."""
+    trunk = build_extractor(backbone, weights)
+    image = torch.randint(0, 256, (1, 1, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        trunk(image)
+    return time.perf_counter() - start
+
+
+def paper_head_step_seconds(dim: int, config: HeadConfig, epochs: int = 2) -> float:
+    """Seconds per training sample of ``FCHead.fit_many`` at the paper's shape: 714 images, 12 folds trained
+    together, 4 flip variants of ``dim`` features (random numbers: the cost depends on shapes only)."""
+    rng = np.random.default_rng(0)
+    n, k = PAPER["images"], PAPER["bundles"]
+    X = np.abs(rng.normal(0, 1, (n, N_VARIANTS, dim))).astype(np.float32)
+    y = (rng.random(n) < 152 / 714).astype(np.int64)
+    groups = np.arange(n) % k
+    fc = rng.normal(0, dim ** -0.5, (1000, dim)).astype(np.float32), np.zeros(1000, np.float32)
+    head = FCHead(epochs=epochs, lr=config.lr, batch_size=config.batch_size, momentum=config.momentum,
+                  class_weight=config.class_weight, fc_weight=fc[0], fc_bias=fc[1])
+    start = time.perf_counter()
+    head.fit_many(X, y, [groups != b for b in range(k)])
+    return (time.perf_counter() - start) / (epochs * (k - 1) * n)
+
+
+def extrapolate(t_forward: float, head_e2e: float, head_cache: float) -> tuple[float, float]:
+    """Seconds of the paper's grid (all methods, folds, epochs) end to end and on the cache.
+
+    Each image is a training sample in (bundles - 1) folds, so one method costs epochs x (bundles - 1) x images
+    head steps in either path; end to end adds a trunk forward to each, plus one per test image; the cache
+    computes images x 4 trunk forwards once per method.
+    """
+    n, k, m, e = PAPER["images"], PAPER["bundles"], PAPER["methods"], PAPER["epochs"]
+    sample_steps = e * (k - 1) * n
+    end_to_end = m * ((sample_steps + n) * t_forward + sample_steps * head_e2e)
+    cached = m * (N_VARIANTS * n * t_forward + sample_steps * head_cache)
+    return end_to_end, cached
+
+
+def print_times(cache: CacheRun, e2e: TorchRun) -> None:
+    c, s = cache.seconds, e2e.seconds
+    t_cache, t_e2e = sum(c.values()), sum(s.values())
+    cache_forwards = len(cache.y) * N_VARIANTS
+    print(f"{'path':12s} {'trunk fwd':>10s} {'extract/read s':>15s} {'trunk s':>8s} {'head s':>8s} {'total s':>8s}")
+    print(f"{'cache':12s} {cache_forwards:10d} {c['extract']:15.2f} {'(extr.)':>8s} "
+          f"{c['load'] + c['heads']:8.2f} {t_cache:8.2f}")
+    print(f"{'end to end':12s} {e2e.forwards:10d} {s['prepare']:15.2f} {s['trunk']:8.2f} {s['head']:8.2f} "
+          f"{t_e2e:8.2f}")
+    print(f"wall-time ratio end to end / cache: {t_e2e / t_cache:.2f}x "
+          f"(trunk forwards {e2e.forwards / cache_forwards:.1f}x)")
+
+
+def closeness(cache: CacheRun, run: TorchRun) -> list[str]:
+    """One column of the closeness table: how far ``run`` is from the cache path."""
+    seen = ~np.isnan(run.seen[..., 0])
+    feature_diff = np.abs(run.seen[seen] - cache.X[seen]).max()
+    relative = feature_diff / np.abs(cache.X[seen]).max()
+    agree = int((run.decision == cache.decision).sum())
+    return [f"{feature_diff:.3g} ({relative:.2g} rel.)",
+            f"{np.abs(run.proba - cache.proba).max():.3g}",
+            f"{np.abs(run.score - cache.score).max():.3g}",
+            f"{agree}/{len(cache.y)}" + ("" if agree == len(cache.y) else " DIFFER"),
+            f"{max_weight_difference(cache.heads, run.nets):.3g}"]
+
+
+def print_closeness(cache: CacheRun, e2e: TorchRun, control: TorchRun) -> None:
+    rows = ["features fed to the head, max |diff|", "out-of-fold P(abnormal), max |diff|",
+            "out-of-fold score (logit diff), max |diff|", "decisions agree",
+            "final head weights (all layers, folds), max |diff|"]
+    print(f"{'closeness to the cache path':52s} {'end to end':>22s} {'torch head on the cache':>24s}")
+    for name, a, b in zip(rows, closeness(cache, e2e), closeness(cache, control)):
+        print(f"{name:52s} {a:>22s} {b:>24s}")
+    print(f"(scores span {cache.score.min():.3g} .. {cache.score.max():.3g}, nearest to the decision boundary 0: "
+          f"{np.abs(cache.score).min():.3g}; {int(cache.decision.sum())} of {len(cache.y)} decided abnormal; "
+          f"the control feeds torch's loop from the cache, isolating the optimiser from trunk rounding)")
+
+
+def print_extrapolation(args, config: HeadConfig, cache: CacheRun, e2e: TorchRun) -> None:
+    if args.full_forward:
+        t_forward, how = full_size_forward_seconds(args.backbone, args.weights, PAPER["size"]), "measured, 1 image"
+    else:
+        scale = np.prod(PAPER["size"]) / np.prod(args.size)
+        t_forward, how = e2e.seconds["trunk"] / e2e.forwards * scale, "this run's, scaled by pixels"
+    head_e2e = e2e.seconds["head"] / e2e.sample_steps
+    head_cache = paper_head_step_seconds(cache.X.shape[2], config)
+    end_to_end, cached = extrapolate(t_forward, head_e2e, head_cache)
+    extraction = PAPER["methods"] * N_VARIANTS * PAPER["images"] * t_forward
+    height, width = PAPER["size"]
+    print(f"EXTRAPOLATION to the paper's setting ({PAPER['images']} images, {PAPER['bundles']} folds x "
+          f"{PAPER['methods']} methods, {PAPER['epochs']} epochs, {height}x{width}), this CPU, not a run:")
+    print(f"  trunk forward at {height}x{width}: {t_forward:.2f} s/image ({how}); head step: "
+          f"{head_e2e * 1e3:.3f} ms/sample end to end (this run), {head_cache * 1e3:.3f} ms/sample on the cache "
+          f"(fit_many, 12 folds x 714 images, measured)")
+    print(f"  end to end {end_to_end / 3600:.0f} h, cache {cached / 3600:.1f} h (extraction {extraction / 3600:.1f} h "
+          f"+ heads {(cached - extraction) / 3600:.2f} h): ratio {end_to_end / cached:.0f}x "
+          f"(trunk forwards alone: {(PAPER['epochs'] * (PAPER['bundles'] - 1) + 1) / N_VARIANTS:.1f}x)")
+
+
+def report(args, config: HeadConfig, cache: CacheRun, e2e: TorchRun, control: TorchRun) -> None:
+    n, folds = len(cache.y), len(set(cache.groups))
+    print(f"{n} synthetic images ({int(cache.y.sum())} abnormal), {folds} bundles = {folds} folds, {METHOD}, "
+          f"{args.backbone} ({args.weights}), input {args.size[0]}x{args.size[1]}, {args.epochs} epochs, "
+          f"class weights {args.class_weight}, seed {args.seed}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)")
+    if cache.g_min_max != e2e.g_min_max:
+        print(f"WARNING: m2 window differs: cache {cache.g_min_max}, end to end {e2e.g_min_max}")
+    print()
+    print_times(cache, e2e)
+    print()
+    print_closeness(cache, e2e, control)
+    print()
+    print_extrapolation(args, config, cache, e2e)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--bundles", type=int, default=4)
+    parser.add_argument("--image-size", type=parse_size, default=(128, 64), help="synthetic images, HxW")
+    parser.add_argument("--size", type=parse_size, default=(96, 48), help="network input, HxW")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--backbone", default="resnet34")
+    parser.add_argument("--weights", default="none", help="none, imagenet or a file")
+    parser.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                        help="loss weights (none: the paper's plain cross-entropy)")
+    parser.add_argument("--seed", type=int, default=0, help="the heads' initial weights, sample order and flips")
+    parser.add_argument("--data-seed", type=int, default=3,
+                        help="synthetic dataset (3: every fold's training bundles hold abnormal images)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both paths")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="extraction's decoding processes (default 0: decode in-process, like the other path)")
+    parser.add_argument("--no-full-forward", dest="full_forward", action="store_false",
+                        help="extrapolate the 2000x1000 trunk cost by pixels instead of timing one forward")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = HeadConfig(epochs=args.epochs, class_weight=None if args.class_weight == "none" else "balanced")
+    with tempfile.TemporaryDirectory(prefix="xfeat-e2e-") as tmp:
+        data = Path(tmp, "data")
+        make_dataset(data, bundles=args.bundles, images=args.images, size=args.image_size,
+                     seed=args.data_seed, jobs=1)
+        cache = run_cache_path(data, Path(tmp, "cache.h5"), args, config)
+        e2e = run_end_to_end(data, cache, args, config)
+        control = run_control(cache, args, config)
+        report(args, config, cache, e2e, control)
+
+
+if __name__ == "__main__":
+    main()
