@@ -21,6 +21,11 @@ def size_arg(text: str) -> tuple[int, int]:
     return height, width
 
 
+def names_arg(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list such as ``m1,m2,m3``."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def say(message: str) -> None:
     """Progress and summaries go to stderr; stdout is kept for results a script may read."""
     print(message, file=sys.stderr)

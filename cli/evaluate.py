@@ -6,12 +6,8 @@ import argparse
 import json
 import time
 
-from xfeat.cli.common import add_common, say
+from xfeat.cli.common import add_common, names_arg, say
 from xfeat.errors import XfeatError
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,10 +16,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="For each (backbone, method, classifier), train on all bundles but one and test on it, for "
                     "every bundle; print the paper's Table 1 per classifier and write results to --report DIR.")
     p.add_argument("cache", help="HDF5 feature cache written by xfeat extract")
-    p.add_argument("--clf", type=_names, default=("fc", "svm"),
+    p.add_argument("--clf", type=names_arg, default=("fc", "svm"),
                    help="comma-separated classifiers: fc, svm, logreg, knn, mahalanobis (default fc,svm)")
-    p.add_argument("--methods", type=_names, default=None, help="methods (default: every method in the cache)")
-    p.add_argument("--backbone", type=_names, default=None,
+    p.add_argument("--methods", type=names_arg, default=None, help="methods (default: every method in the cache)")
+    p.add_argument("--backbone", type=names_arg, default=None,
                    help="backbones (default: the cache's only backbone, or resnet34)")
     p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
                    help="feature layer (default: fc1000 for svm as in the ResNet-50 paper, pool otherwise)")

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from xfeat.cli.common import add_common, progress_bar, say, size_arg
+from xfeat.cli.common import add_common, names_arg, progress_bar, say, size_arg
 from xfeat.convert import METHODS
 from xfeat.stats import WindowStats
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as xfeat.inference; not imported so --help stays fast
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "Resumes after an interruption and computes only new or changed images.")
     p.add_argument("data", help="dataset folder ROOT/<bundle>/<label>/<image> or CSV manifest")
     p.add_argument("--cache", required=True, help="HDF5 feature cache to create or extend")
-    p.add_argument("--backbone", type=_names, default=("resnet34",),
+    p.add_argument("--backbone", type=names_arg, default=("resnet34",),
                    help="comma-separated backbones: resnet34, resnet50, efficientnet_lite0, or any torchvision "
                         "classification model (default resnet34)")
-    p.add_argument("--methods", type=_names, default=("m1", "m2", "m3", "m4"),
+    p.add_argument("--methods", type=names_arg, default=("m1", "m2", "m3", "m4"),
                    help=f"comma-separated conversion methods from {', '.join(METHODS)} (default m1,m2,m3,m4)")
     p.add_argument("--size", type=size_arg, default=(2000, 1000), metavar="HxW",
                    help="network input size (default 2000x1000, the fuel-cell paper; 224x224 for the ResNet-50 one)")
