@@ -61,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
         if args.epochs is not None:
             params["fc"]["epochs"] = args.epochs
     configs = configurations(backbones, methods, classifiers, layer=args.layer, size=args.size)
+    if not configs:
+        held = ", ".join(sorted({f"{g.backbone}/{g.method}" for g in groups}))
+        raise XfeatError(f"{args.cache}: nothing to evaluate for backbone(s) {', '.join(backbones)} and classifiers "
+                         f"{', '.join(classifiers) or '(none)'}; the cache holds {held}")
+    if args.jobs is not None and args.jobs < 0:
+        raise XfeatError("--jobs must be a positive number of processes")
     results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1)
     if args.json:  # stdout is for the script reading the JSON; the tables go to the person
         if not args.quiet:

@@ -125,3 +125,15 @@ def test_evaluate_command_errors_in_one_line(tmp_path, capsys, toy_cache):
     assert capsys.readouterr().err.strip() == f"xfeat: error: {tmp_path / 'missing.h5'}: no such cache file"
     assert main(["evaluate", str(toy_cache), "--clf", "tree"]) == 1
     assert "unknown classifier 'tree'" in capsys.readouterr().err
+
+
+def test_a_fold_left_with_one_class_is_a_clear_error(tmp_path):
+    X, y, bundles = toy_features(n_bundles=2)  # B0 holds no abnormal image: holding out B1 leaves only normals
+    cache = write_feature_cache(tmp_path / "one.h5", X, y, bundles)
+    with pytest.raises(XfeatError, match="holding out bundle B1 leaves only one class"):
+        evaluate(cache, configurations(["toy"], ["m2"], ["logreg"]))
+
+
+def test_nothing_to_evaluate_is_a_clear_error(toy_cache, capsys):
+    assert main(["evaluate", str(toy_cache), "--backbone", "resnet50"]) == 1
+    assert "nothing to evaluate for backbone(s) resnet50" in capsys.readouterr().err

@@ -296,3 +296,25 @@ def test_offline_efficientnet_lite0_with_real_imagenet_weights(tmp_path):
     assert fs.settings.weights_name == "efficientnet-lite0-57934424.pth"
     assert fs.settings.weights_sha256.startswith("57934424")
     assert fs.settings.mean == (0.5, 0.5, 0.5)
+
+
+def test_a_file_moved_to_another_label_counts_once_with_its_new_label(tmp_path, small_dataset):
+    cache = tmp_path / "c.h5"
+    extract(small_dataset, cache, SMALL)
+    moved = small_dataset / "B1" / "abnormal" / "moved.tif"
+    (small_dataset / "B1" / "normal" / "img0.tif").rename(moved)
+    assert extract(small_dataset, cache, SMALL).computed == 1
+    with pytest.warns(UserWarning, match="1 older row"):
+        fs = load_features(cache, "resnet18", "m2")
+    assert len(fs.y) == 8 and len(set(fs.sha256)) == 8
+    assert fs.y[list(fs.paths).index(str(moved.resolve()))] == 1
+
+
+def test_a_deleted_cache_with_a_leftover_journal_starts_afresh(tmp_path, small_dataset):
+    cache = tmp_path / "c.h5"
+    extract(small_dataset, cache, SMALL)
+    journal = Path(f"{cache}.journal")
+    np.savez(journal / "00000099.npz", keys=np.array(["features/gone/m2/8x8"]))
+    cache.unlink()
+    assert extract(small_dataset, cache, SMALL).computed == 8
+    assert not list(journal.glob("*.npz"))

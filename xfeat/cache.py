@@ -177,6 +177,9 @@ class CacheWriter:
             self.journal.mkdir(exist_ok=True)
             for stale in self.journal.glob("*.tmp"):
                 stale.unlink()
+            if not self.path.exists():  # batches of a cache that was deleted: nothing to merge them into
+                for orphan in self._journal_files():
+                    orphan.unlink()
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 stale.unlink()
             self._next_batch = max((int(p.stem) for p in self._journal_files()), default=-1) + 1

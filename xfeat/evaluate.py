@@ -99,6 +99,10 @@ def leave_one_bundle_out(fs: FeatureSet, clf: str, params: dict | None = None) -
     if len(bundles) < 2:
         raise XfeatError(f"leave-one-bundle-out needs at least 2 bundles; the cache holds {len(bundles)}")
     test_masks = [fs.groups == b for b in bundles]
+    for bundle, mask in zip(bundles, test_masks):
+        if len(np.unique(fs.y[~mask])) < 2:
+            raise XfeatError(f"holding out bundle {bundle} leaves only one class to train on; "
+                             "leave-one-bundle-out needs abnormal images in at least two bundles")
     scores = np.zeros(len(fs.y))
     decisions = np.zeros(len(fs.y), dtype=np.int64)
     if clf == "fc":

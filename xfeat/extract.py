@@ -61,6 +61,8 @@ class ExtractConfig:
             raise XfeatError(f"input size {self.size[0]}x{self.size[1]} is too small (at least 16x16)")
         if self.batch_size is not None and self.batch_size < 1:
             raise XfeatError("--batch-size must be at least 1")
+        if (self.workers is not None and self.workers < 0) or (self.jobs is not None and self.jobs < 0):
+            raise XfeatError("--workers and --jobs must be 0 or more")
 
     @property
     def flip_names(self) -> tuple[str, ...]:

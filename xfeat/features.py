@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from xfeat.cache import FLIPS, CacheError, GroupSettings, open_cache, stored_window_stats
+from xfeat.errors import XfeatWarning
 from xfeat.stats import WindowStats
 
 LAYERS = ("pool", "fc1000")
@@ -110,11 +112,27 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
         pool = group["pool"][:] if flips == "all" else group["pool"][:, stored_flips.index(flips)]
         fc_weight, fc_bias = group["fc_weight"][:], group["fc_bias"][:]
         X = fc1000(pool, fc_weight, fc_bias) if layer == "fc1000" else pool
+        sha256 = group["sha256"][:].astype(str)
+        rows = _latest_per_content(sha256, cache, f"{base}/{size}")
         return FeatureSet(
-            X=X, y=group["label"][:].astype(np.int64), groups=group["bundle"].asstr()[:].astype(str),
-            paths=group["path"].asstr()[:].astype(str), sha256=group["sha256"][:].astype(str), layer=layer,
+            X=X[rows], y=group["label"][:].astype(np.int64)[rows], groups=group["bundle"].asstr()[:].astype(str)[rows],
+            paths=group["path"].asstr()[:].astype(str)[rows], sha256=sha256[rows], layer=layer,
             flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
             fc_bias=fc_bias, window_stats=stored_window_stats(f))
+
+
+def _latest_per_content(sha256: np.ndarray, cache, key: str) -> np.ndarray:
+    """Row indices keeping one row per file content: the latest written.
+
+    A file moved to another label folder or bundle gets a new row under its new path; keeping both would
+    count the image twice, with two labels or in two folds.
+    """
+    _, last_from_end = np.unique(sha256[::-1], return_index=True)
+    rows = np.sort(len(sha256) - 1 - last_from_end)
+    if len(rows) < len(sha256):
+        warnings.warn(f"{cache}: {key} holds {len(sha256) - len(rows)} older row(s) of files that moved or are "
+                      "duplicated; using the latest row of each file content", XfeatWarning, stacklevel=3)
+    return rows
 
 
 @dataclass
