@@ -45,9 +45,9 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _convert_chunk(jobs: Sequence[tuple[Path, Path, str, WindowStats | None]]) -> list[tuple[str, str]]:
+def _convert_chunk(work: Sequence[tuple[Path, Path, str, WindowStats | None]]) -> list[tuple[str, str]]:
     results = []  # (sha256, problem) per image
-    for source, target, method, stats in jobs:
+    for source, target, method, stats in work:
         try:
             image = load_image(source)
             try:

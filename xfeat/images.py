@@ -45,8 +45,11 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes, read in blocks: an image's identity without decoding it."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest would do this, but only from Python 3.11
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
