@@ -44,6 +44,14 @@ def write_cache(path: Path, methods: tuple[str, ...]) -> None:
                                     [2084] * N_IMAGES, [1169] * N_IMAGES)})
 
 
+def run_grid(cache: Path, clfs: tuple[str, ...], epochs: int, precision: str, jobs: int):
+    configs = configurations(PAPER["backbones"], PAPER["methods"], clfs)
+    params = {"fc": {**PAPER["params"]["fc"], "epochs": epochs, "precision": precision}}
+    start = time.perf_counter()
+    results = evaluate(cache, configs, params=params, jobs=jobs)
+    return results, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
@@ -52,20 +60,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp, "grid.h5")
         write_cache(cache, PAPER["methods"])
-        rows = []
-        for clfs in (("fc",), ("svm",), ("fc", "svm")):
-            configs = configurations(PAPER["backbones"], PAPER["methods"], clfs)
-            params = {"fc": {**PAPER["params"]["fc"], "epochs": args.epochs}}
-            start = time.perf_counter()
-            results = evaluate(cache, configs, params=params, jobs=args.jobs)
-            seconds = time.perf_counter() - start
+        rows, decisions = [], {}
+        for clfs, precision in ((("svm",), "fp32"), (("fc", "svm"), "fp32"), (("fc", "svm"), "bf16")):
+            results, seconds = run_grid(cache, clfs, args.epochs, precision, args.jobs)
             folds = sum(len(r.bundles) for r in results)
-            rows.append((" + ".join(clfs), len(configs), folds, seconds))
+            name = " + ".join(f"fc ({precision})" if c == "fc" else c for c in clfs)
+            rows.append((name, len(results), folds, seconds))
+            decisions[precision] = np.concatenate([r.decisions for r in results if r.config.clf == "fc"]) \
+                if "fc" in clfs else None
     print(f"paper grid on a {N_IMAGES}-image cache ({N_BUNDLES} bundles, {FLIPS} flips x {DIM}-d), "
           f"{args.epochs} epochs, jobs={args.jobs}")
-    print(f"{'classifiers':12s} {'configs':>8s} {'folds':>6s} {'seconds':>8s}")
+    print(f"{'classifiers':18s} {'configs':>8s} {'folds':>6s} {'seconds':>8s}")
     for name, n_configs, folds, seconds in rows:
-        print(f"{name:12s} {n_configs:8d} {folds:6d} {seconds:8.1f}")
+        print(f"{name:18s} {n_configs:8d} {folds:6d} {seconds:8.1f}")
+    same = np.mean(decisions["fp32"] == decisions["bf16"])
+    print(f"fc out-of-fold decisions equal in fp32 and bf16: {same:.1%} of {len(decisions['fp32'])}")
 
 
 if __name__ == "__main__":

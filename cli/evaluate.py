@@ -23,17 +23,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="backbones (default: the cache's only backbone, or resnet34)")
     p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
                    help="feature layer (default: fc1000 for svm as in the ResNet-50 paper, pool otherwise)")
-    p.add_argument("--size", default=None, metavar="HxW", help="input size group (default: the only one)")
-    p.add_argument("--epochs", type=int, default=None, help="fc: training epochs (default 50)")
-    p.add_argument("--class-weight", choices=("balanced",), default=None,
-                   help="weight the loss by inverse class frequency (fc, svm, logreg)")
-    p.add_argument("--seed", type=int, default=0, help="fc: random seed")
+    add_classifier_options(p)
     p.add_argument("--paper", action="store_true",
                    help="the fuel-cell paper's protocol: resnet34, m1-m4, fc with its hyper-parameters")
     p.add_argument("--report", metavar="DIR", help="write results.csv, results.json, predictions.csv, report.html")
     p.add_argument("--json", action="store_true", help="print the overall records as JSON on stdout")
     add_common(p)
     p.set_defaults(run=run)
+
+
+def add_classifier_options(p: argparse.ArgumentParser) -> None:
+    """How to train: shared by ``evaluate`` and ``train``, so a model is trained as it was evaluated."""
+    p.add_argument("--size", default=None, metavar="HxW", help="input size group (default: the only one)")
+    p.add_argument("--epochs", type=int, default=None, help="fc: training epochs (default 50)")
+    p.add_argument("--class-weight", choices=("balanced",), default=None,
+                   help="weight the loss by inverse class frequency (fc, svm, logreg)")
+    p.add_argument("--seed", type=int, default=0, help="fc: random seed")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fc: matmul precision while training (default fp32; bf16 is faster on CPUs with "
+                        "AVX512-BF16 or AMX and on GPUs, with float32 master weights, but not bitwise equal)")
+
+
+def classifier_params(args: argparse.Namespace, classifiers, params: dict | None = None) -> dict:
+    """Keyword arguments per classifier from the options of ``add_classifier_options``."""
+    params = {k: dict(v) for k, v in (params or {}).items()}
+    for clf in classifiers:
+        params.setdefault(clf, {})
+        if args.class_weight and clf in ("fc", "svm", "logreg"):
+            params[clf]["class_weight"] = args.class_weight
+    if "fc" in params:
+        params["fc"]["seed"] = args.seed
+        if args.epochs is not None:
+            params["fc"]["epochs"] = args.epochs
+        if args.precision is not None:
+            params["fc"]["precision"] = args.precision
+    return params
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,19 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise XfeatError(f"{args.cache}: holds no features yet; run xfeat extract first")
     if args.paper:
         backbones, methods, classifiers = PAPER["backbones"], PAPER["methods"], PAPER["classifiers"]
-        params = {k: dict(v) for k, v in PAPER["params"].items()}
+        params = classifier_params(args, classifiers, PAPER["params"])
     else:
-        backbones = args.backbone or _default_backbone(groups, args.cache)
+        backbones = args.backbone or default_backbone(groups, args.cache)
         methods = args.methods or tuple(dict.fromkeys(g.method for g in groups if g.backbone in backbones))
-        classifiers, params = args.clf, {}
-    for clf in classifiers:
-        params.setdefault(clf, {})
-        if args.class_weight and clf in ("fc", "svm", "logreg"):
-            params[clf]["class_weight"] = args.class_weight
-    if "fc" in params:
-        params["fc"]["seed"] = args.seed
-        if args.epochs is not None:
-            params["fc"]["epochs"] = args.epochs
+        classifiers, params = args.clf, classifier_params(args, args.clf)
     configs = configurations(backbones, methods, classifiers, layer=args.layer, size=args.size)
     if not configs:
         held = ", ".join(sorted({f"{g.backbone}/{g.method}" for g in groups}))
@@ -87,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_backbone(groups, cache) -> tuple[str, ...]:
+def default_backbone(groups, cache) -> tuple[str, ...]:
     backbones = list(dict.fromkeys(g.backbone for g in groups))
     if len(backbones) == 1:
         return (backbones[0],)

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from xfeat import __version__
 from xfeat.errors import XfeatError, XfeatWarning
-from xfeat.cli import convert, evaluate, extract, info, synth
+from xfeat.cli import convert, evaluate, extract, info, predict, synth, train
 
-COMMANDS = (synth, convert, extract, info, evaluate)
+COMMANDS = (synth, convert, extract, info, evaluate, train, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -356,11 +356,17 @@ def build_extractor(name: str, weights: str | os.PathLike[str] = "imagenet") -> 
     what "frozen" must mean), no gradients anywhere. ``weights``: "imagenet", a state dict file, or "none"."""
     spec = get_spec(name)
     state, info = _resolve_weights(spec, weights)  # before building: a missing file fails before any work
+    return extractor_from_state(name, state, info)
+
+
+def extractor_from_state(name: str, state: dict[str, torch.Tensor] | None, info: WeightsInfo) -> FeatureExtractor:
+    """``build_extractor`` with weights already in memory (e.g. bundled in a model file); None: random (seed 0)."""
+    spec = get_spec(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # "none" is the same random model in every process; never touches the caller's RNG
         model = spec.build()
     if state is not None:
-        _load_into(model, state, info.path)
+        _load_into(model, state, info.path or info.name)
     fc = _cut_classifier(model, name)
     extractor = FeatureExtractor(name, model, fc, spec.mean, spec.std, info)
     extractor.requires_grad_(False)

@@ -88,6 +88,10 @@ class FCHead(ClassifierMixin, BaseEstimator):
     step schedule the paper's resembles; ``optimizer="adam"`` for Adam), mini-batches of 32, decay factor 0.1,
     no weight decay.
 
+    ``precision="bf16"`` runs the matmuls on bf16 copies of the weights (float32 master weights, loss and
+    accumulation, as mixed-precision training does): faster on CPUs with native bf16 (AVX512-BF16, AMX) and
+    GPUs, and not bitwise equal to fp32 training.
+
     X is [N, D], or [N, F, D] with the F = 4 cached flip variants (none, h, v, hv) or F = 2 (none, h). With
     flips, each epoch each sample takes a horizontal flip with p = 0.5 and, independently, a vertical one with
     p = 0.5 (variant h + 2 v), drawn from ``seed``: same seed, same result (bitwise on CPU). Prediction uses
@@ -99,7 +103,7 @@ class FCHead(ClassifierMixin, BaseEstimator):
 
     def __init__(self, epochs: int = 50, lr: float = 1e-3, lr_step: int = 10, lr_gamma: float = 0.1,
                  batch_size: int = 32, optimizer: str = "sgd", momentum: float = 0.9, class_weight=None,
-                 flips: bool = True, seed: int = 0, fc_weight=None, fc_bias=None):
+                 flips: bool = True, precision: str = "fp32", seed: int = 0, fc_weight=None, fc_bias=None):
         self.epochs = epochs
         self.lr = lr
         self.lr_step = lr_step
@@ -109,6 +113,7 @@ class FCHead(ClassifierMixin, BaseEstimator):
         self.momentum = momentum
         self.class_weight = class_weight
         self.flips = flips
+        self.precision = precision
         self.seed = seed
         self.fc_weight = fc_weight
         self.fc_bias = fc_bias
@@ -179,7 +184,7 @@ class FCHead(ClassifierMixin, BaseEstimator):
             weights = tuple(float(weights.get(c, 1.0)) for c in self.classes_.tolist())
         return HeadConfig(epochs=self.epochs, lr=self.lr, lr_step=self.lr_step, lr_gamma=self.lr_gamma,
                           batch_size=self.batch_size, optimizer=self.optimizer, momentum=self.momentum,
-                          class_weight=weights, flips=self.flips)
+                          class_weight=weights, flips=self.flips, precision=self.precision)
 
     def _pretrained(self, n_features: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         weight, bias = self.fc_weight, self.fc_bias

@@ -131,6 +131,11 @@ def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Sk
     return records, skipped
 
 
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Every visible .tif, .tiff or .png file below a folder, sorted (no layout expected)."""
+    return [p for p in _visible(_files_below(Path(folder))) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def _files_below(folder: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]

@@ -119,7 +119,7 @@ def leave_one_bundle_out(fs: FeatureSet, clf: str, params: dict | None = None) -
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run single-threaded: a sum split over 2 threads rounds differently than over 1, and results must
     not depend on ``jobs`` (parallelism comes from running configurations side by side instead)."""
     threads = torch.get_num_threads()
@@ -131,13 +131,20 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def evaluate_configuration(cache: str | os.PathLike[str], config: Configuration, params: dict | None = None
-                           ) -> ConfigurationResult:
-    """Load one configuration's features from the cache and run leave-one-bundle-out on them."""
+def evaluate_configuration(cache: str | os.PathLike[str], config: Configuration, params: dict | None = None, *,
+                           exclude_bundles: Sequence[str] = ()) -> ConfigurationResult:
+    """Load one configuration's features from the cache (without ``exclude_bundles``) and run
+    leave-one-bundle-out on them."""
     flips = "all" if config.clf == "fc" else "none"
     fs = load_features(cache, config.backbone, config.method, layer=config.layer, size=config.size or None,
                        flips=flips)
-    with _one_thread():
+    if exclude_bundles:
+        unknown = sorted(set(exclude_bundles) - set(fs.groups.tolist()))
+        if unknown:
+            raise XfeatError(f"{cache}: no bundle(s) {', '.join(unknown)} to exclude; bundles: "
+                             f"{', '.join(sorted(set(fs.groups.tolist())))}")
+        fs = fs.select(~np.isin(fs.groups, list(exclude_bundles)))
+    with one_thread():
         scores, decisions = leave_one_bundle_out(fs, config.clf, params)
     result = ConfigurationResult(config, fs, scores, decisions, bundles=sorted(set(fs.groups)))
     for bundle in result.bundles:

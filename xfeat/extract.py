@@ -91,8 +91,8 @@ class ExtractSummary:
 
 
 @dataclass(frozen=True)
-class _Work:
-    """One image to decode, and the methods its features are missing for."""
+class Work:
+    """One image to decode, and the methods to convert it with."""
 
     record: ImageRecord
     methods: tuple[str, ...]
@@ -101,7 +101,7 @@ class _Work:
 class _ConvertedImages(TorchDataset):
     """Reads one image and gives its conversions for the needed methods, resized: runs in loader workers."""
 
-    def __init__(self, work: Sequence[_Work], size: tuple[int, int], stats: WindowStats | None) -> None:
+    def __init__(self, work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None) -> None:
         self.work, self.size, self.stats = work, size, stats
 
     def __len__(self) -> int:
@@ -196,7 +196,7 @@ def _settings(extractor, backbone: str, method: str, config: ExtractConfig, prec
 
 
 def _plan(writer: CacheWriter, groups: dict[tuple[str, str], GroupSettings], records: Sequence[ImageRecord],
-          hashes: Sequence[str]) -> list[_Work]:
+          hashes: Sequence[str]) -> list[Work]:
     """Which images need which methods; labels or bundles changed for cached images are updated in place."""
     missing: dict[int, set[str]] = {}
     for (_, method), settings in groups.items():
@@ -212,7 +212,7 @@ def _plan(writer: CacheWriter, groups: dict[tuple[str, str], GroupSettings], rec
             writer.add({settings.key: Rows(None, [str(r.path) for r in relabelled], [r.relpath for r in relabelled],
                                            [r.bundle for r in relabelled], [r.label for r in relabelled])})
     methods_in_order = list(dict.fromkeys(m for _, m in groups))
-    return [_Work(records[i], tuple(m for m in methods_in_order if m in methods))
+    return [Work(records[i], tuple(m for m in methods_in_order if m in methods))
             for i, methods in sorted(missing.items())]
 
 
@@ -223,16 +223,24 @@ def _rows(features: np.ndarray, records: Sequence[ImageRecord], items: Sequence[
                 width=[it["width"] for it in items])
 
 
-def _compute(work: list[_Work], groups, models, writer: CacheWriter, config: ExtractConfig,
+def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, per_batch: int,
+                  workers: int | None, device: torch.device) -> DataLoader:
+    """Batches of decoded, converted, resized images (lists of dicts: ``index`` into ``work``, ``problem``
+    ("" when fine), ``sha256``, ``height``, ``width``, ``pixels`` {method: [C, H, W] uint8}), decoded in
+    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference."""
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    return DataLoader(_ConvertedImages(work, size, stats), batch_size=per_batch, shuffle=False,
+                      num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
+                      pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
+                      # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
+                      multiprocessing_context="spawn" if workers else None)
+
+
+def _compute(work: list[Work], groups, models, writer: CacheWriter, config: ExtractConfig,
              stats: WindowStats | None, device: torch.device, skip_bad: bool, skipped: list,
              progress: Callable[[int], None] | None) -> int:
     per_batch = config.images_per_batch()
-    workers = min(2, os.cpu_count() or 1) if config.workers is None else config.workers
-    loader = DataLoader(_ConvertedImages(work, config.size, stats), batch_size=per_batch, shuffle=False,
-                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
-                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
-                        # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
-                        multiprocessing_context="spawn" if workers else None)
+    loader = image_batches(work, config.size, stats, per_batch, config.workers, device)
     computed = 0
     last_commit = time.monotonic()
     for batch in loader:
@@ -251,7 +259,7 @@ def _compute(work: list[_Work], groups, models, writer: CacheWriter, config: Ext
             if not items:
                 continue
             x = torch.from_numpy(np.stack([it["pixels"][method] for it in items]))
-            features = _features(models[backbone], x, config.flip_names, per_batch)
+            features = batch_features(models[backbone], x, config.flip_names, per_batch * len(config.flip_names))
             rows_by_key[settings.key] = _rows(features, [work[it["index"]].record for it in items], items)
         if rows_by_key:
             writer.add(rows_by_key)
@@ -264,11 +272,14 @@ def _compute(work: list[_Work], groups, models, writer: CacheWriter, config: Ext
     return computed
 
 
-def _features(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[str],
-              per_batch: int) -> np.ndarray:
-    """[k, C, H, W] uint8 -> [k, F, D] float32, padded to a fixed batch so results never depend on k."""
+def batch_features(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[str],
+                   forward_batch: int) -> np.ndarray:
+    """[k, C, H, W] uint8 -> [k, F, D] float32. The forward pass always holds ``forward_batch`` inputs
+    (k x F flip variants, then zero padding): a CPU convolution's rounding can depend on the batch size, and
+    an image's features must not depend on how many images shared its batch."""
     k = x.shape[0]
-    if k < per_batch:
-        x = torch.cat([x, x.new_zeros((per_batch - k, *x.shape[1:]))])
-    features = run(_flip_variants(x, flips))
+    variants = _flip_variants(x, flips)
+    if len(variants) < forward_batch:
+        variants = torch.cat([variants, variants.new_zeros((forward_batch - len(variants), *x.shape[1:]))])
+    features = run(variants)
     return features[: k * len(flips)].reshape(k, len(flips), -1).numpy()

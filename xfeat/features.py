@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,11 @@ class FeatureSet:
     def random_weights(self) -> bool:
         """True when the backbone had random weights (``--weights none``): results mean little."""
         return self.settings.weights_kind == "none"
+
+    def select(self, rows: np.ndarray) -> FeatureSet:
+        """The same features for some rows only (a boolean mask or indices)."""
+        return replace(self, X=self.X[rows], y=self.y[rows], groups=self.groups[rows], paths=self.paths[rows],
+                       sha256=self.sha256[rows])
 
     def to_frame(self):
         """A pandas DataFrame: path, bundle, label and one column per feature (first flip variant)."""

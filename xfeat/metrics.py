@@ -74,12 +74,15 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
 
 
 def bundle_bootstrap(counts: Sequence[Counts], *, n_resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the pooled balanced accuracy when whole bundles are resampled.
+                     level: float = 0.95, statistic: str = "balanced_accuracy") -> tuple[float, float]:
+    """Percentile interval of a pooled rate when whole bundles are resampled.
 
     Bundles, not images, are the independent units (a new bundle is a new coating mixture), so the
-    interval says how much the score could change with other bundles.
+    interval says how much the score could change with other bundles. ``statistic`` is
+    ``balanced_accuracy``, ``tpr`` (recall of abnormal images) or ``tnr`` (share of normal images cleared).
     """
+    if statistic not in ("balanced_accuracy", "tpr", "tnr"):
+        raise ValueError(f"unknown statistic {statistic!r}; balanced_accuracy, tpr or tnr")
     table = np.array([[c.tp, c.fp, c.tn, c.fn] for c in counts], dtype=np.int64)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(table), size=(n_resamples, len(table)))
@@ -87,6 +90,8 @@ def bundle_bootstrap(counts: Sequence[Counts], *, n_resamples: int = 2000, seed:
     with np.errstate(invalid="ignore", divide="ignore"):
         tpr = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
         tnr = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
-    values = np.nanmean(np.stack([tpr, tnr]), axis=0)
+    values = {"tpr": tpr, "tnr": tnr}.get(statistic)
+    if values is None:
+        values = np.nanmean(np.stack([tpr, tnr]), axis=0)
     alpha = (1 - level) / 2
     return float(np.nanquantile(values, alpha)), float(np.nanquantile(values, 1 - alpha))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from xfeat.evaluate import ConfigurationResult
+    from xfeat.screening import ScreeningOutcome
 
 WIDTH = 100  # console columns a table must fit (6 methods)
 BEST = "*"
@@ -197,8 +198,13 @@ def format_tables(results: Sequence[ConfigurationResult]) -> str:
 
 # ---------------------------------------------------------------- files
 
-def _plain(value):
-    """A JSON/CSV-friendly Python value: numpy scalars unwrapped, NaN as None."""
+def plain(value):
+    """A JSON/CSV-friendly Python value, also inside dicts, lists and tuples: numpy scalars unwrapped, NaN
+    (a rate a single-class bundle does not define) as None."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and math.isnan(value):
@@ -211,7 +217,7 @@ def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if (v := _plain(row.get(k))) is None else v for k in columns})
+        writer.writerow({k: "" if (v := plain(row.get(k))) is None else v for k in columns})
     return buffer.getvalue()
 
 
@@ -227,11 +233,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def records(results: Sequence[ConfigurationResult]) -> list[dict]:
     """All records of all configurations, NaN as None: what results.csv and results.json hold."""
-    return [{k: _plain(v) for k, v in rec.items()} for r in results for rec in r.records()]
+    return [{k: plain(v) for k, v in rec.items()} for r in results for rec in r.records()]
 
 
-def write_results(results: Sequence[ConfigurationResult], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write results.csv, results.json, predictions.csv and report.html into ``out_dir``; return their paths."""
+def write_results(results: Sequence[ConfigurationResult], out_dir: str | os.PathLike[str], *,
+                  screening: ScreeningOutcome | None = None) -> dict[str, Path]:
+    """Write results.csv, results.json, predictions.csv and report.html into ``out_dir`` (and screening.json
+    with a screening outcome: a trained model's threshold on the out-of-fold scores); return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -244,8 +252,10 @@ def write_results(results: Sequence[ConfigurationResult], out_dir: str | os.Path
         "results.csv": _csv_text(rows, columns),
         "results.json": json.dumps({"header": header, "records": rows}, indent=1, allow_nan=False) + "\n",
         "predictions.csv": _csv_text(predictions, PREDICTION_COLUMNS),
-        "report.html": render_html(results, created=created),
+        "report.html": render_html(results, created=created, screening=screening),
     }
+    if screening is not None:
+        texts["screening.json"] = json.dumps(plain(screening.to_dict()), indent=1, allow_nan=False) + "\n"
     paths = {}
     for name, text in texts.items():
         paths[name] = out / name
@@ -423,7 +433,23 @@ def _section(group: Sequence[ConfigurationResult]) -> str:
     return "\n".join(parts)
 
 
-def render_html(results: Sequence[ConfigurationResult], *, created: str | None = None) -> str:
+def screening_text(outcome: ScreeningOutcome) -> str:
+    """The screening outcome in words a QC engineer reads: what is flagged, what is cleared, what it costs."""
+    target = f" (target {outcome.target_recall:.1%})" if outcome.target_recall is not None else ""
+    return (f"threshold {outcome.threshold:.6g} (abnormal when score > threshold), on the leave-one-bundle-out "
+            f"scores: {outcome.recall:.1%} of {outcome.n_abnormal} abnormal electrodes flagged{target}, 95% "
+            f"interval over bundles {_span(outcome.recall_interval)}; {outcome.cleared:.1%} of {outcome.n_normal} "
+            f"normal electrodes cleared without a look ({_span(outcome.cleared_interval)}); a person looks at "
+            f"{outcome.flagged:.1%} of all electrodes")
+
+
+def _span(interval: tuple[float, float]) -> str:
+    low, high = interval
+    return "n/a" if math.isnan(low) else f"{low:.1%}-{high:.1%}"
+
+
+def render_html(results: Sequence[ConfigurationResult], *, created: str | None = None,
+                screening: ScreeningOutcome | None = None) -> str:
     """One self-contained page: tables and plots (base64 PNG); no external files, CSS or scripts."""
     created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -434,6 +460,9 @@ def render_html(results: Sequence[ConfigurationResult], *, created: str | None =
     if any(r.features.random_weights for r in results):
         parts.append(f'<div class="banner">{BANNER}. Some configurations used a backbone with random weights '
                      "(<code>--weights none</code>); their numbers are a baseline, not a result.</div>")
+    if screening is not None:
+        parts += ["<h2>Screening at the model's threshold</h2>",
+                  f"<p>{html.escape(screening_text(screening))}.</p>"]
     parts.append(EXPLANATION)
     parts += [_section(group) for group in _group(results).values()]
     parts.append("</body></html>")

@@ -1,0 +1,53 @@
+"""``xfeat predict``: screen new images with a model; one CSV row per image."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from xfeat.cli.common import add_common, progress_bar, say
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="score new images with a model and flag the abnormal ones",
+        description="Convert, run the backbone and the classifier on each image, as the model was trained. "
+                    "A file that cannot be scored gets a row with its error; the exit status is then 1.")
+    p.add_argument("model", help="model file written by xfeat train")
+    p.add_argument("inputs", nargs="+", help="image files, folders (every .tif/.tiff/.png below) or CSV "
+                                             "manifests (a path column; bundle and label kept when present)")
+    p.add_argument("--out", required=True, metavar="CSV", help="predictions to write (path, score, decision, "
+                                                               "threshold, error, ...)")
+    p.add_argument("--cache", default=None, help="reuse features of this cache for the images it holds")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="backbone weights file, when the model does not bundle them and they moved")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="decoding processes overlapped with inference (default 2; 0 decodes in-process)")
+    add_common(p, jobs=False)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xfeat.errors import XfeatError
+    from xfeat.model import load_model
+    from xfeat.predict import gather_inputs, predict, write_predictions
+
+    model = load_model(args.model)
+    images = gather_inputs(args.inputs)
+    if not images:
+        raise XfeatError(f"no images found in {', '.join(args.inputs)} (.tif, .tiff or .png)")
+    if args.workers is not None and args.workers < 0:
+        raise XfeatError("--workers must be 0 or more")
+    with progress_bar(len(images), "predict", args.quiet) as bar:
+        predictions = predict(model, images, cache=args.cache, weights=args.weights, device=args.device,
+                              workers=args.workers, progress=bar.update)
+    write_predictions(predictions, args.out)
+    failed = [p for p in predictions if p.error]
+    for p in failed:
+        say(f"xfeat: error: {p.path}: {p.error}")
+    decisions = Counter(p.decision for p in predictions if not p.error)
+    if not args.quiet:
+        say(f"scored {len(predictions) - len(failed)} of {len(predictions)} images: {decisions['abnormal']} flagged "
+            f"abnormal, {decisions['normal']} cleared (threshold {model.threshold:.6g}); wrote {args.out}")
+    return 1 if failed else 0

@@ -1,0 +1,82 @@
+"""``xfeat train``: fit a screening model on a cache and save it in a safe model file."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from xfeat.cli.common import add_common, names_arg, say
+from xfeat.cli.evaluate import add_classifier_options, classifier_params, default_backbone
+from xfeat.errors import XfeatError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="fit a screening model on every cached image and save it",
+        description="Validate one (backbone, method, classifier) by leave-one-bundle-out, then fit it on every "
+                    "cached image and save all that scoring a raw image needs in MODEL (no pickle).")
+    p.add_argument("cache", help="HDF5 feature cache written by xfeat extract")
+    p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (e.g. screen.xfeat)")
+    p.add_argument("--backbone", default=None, help="backbone (default: the cache's only one, or resnet34)")
+    p.add_argument("--method", default="m2", help="conversion method (default m2)")
+    p.add_argument("--clf", default="fc", help="classifier: fc, svm, logreg, knn, mahalanobis (default fc)")
+    p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
+                   help="feature layer (default: fc1000 for svm, pool otherwise)")
+    add_classifier_options(p)
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="choose the threshold that flags at least this share of abnormal electrodes in the "
+                        "leave-one-bundle-out scores (e.g. 0.99); default: the classifier's own decision")
+    p.add_argument("--exclude-bundles", type=names_arg, default=(), metavar="B1,B2",
+                   help="leave these bundles out of training and validation (e.g. to try the model on them)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="the backbone weights file, when the cache's features came from --weights PATH "
+                        "(recorded as a reference, or bundled with --bundle-weights)")
+    p.add_argument("--bundle-weights", action="store_true",
+                   help="store the backbone weights in the model file (a self-contained model)")
+    p.add_argument("--report", metavar="DIR", help="write the validation report (results, predictions, "
+                   "screening.json, report.html)")
+    add_common(p, jobs=False)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xfeat.features import list_groups
+    from xfeat.model import bundle_weights, cross_validate, fit_model, save_model, weights_path_for
+    from xfeat.report import format_tables, screening_text, write_results
+    from xfeat.screening import screening_outcome
+
+    start = time.perf_counter()
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise XfeatError(f"--target-recall must be in (0, 1], not {args.target_recall}")
+    groups = list_groups(args.cache)
+    if not groups:
+        raise XfeatError(f"{args.cache}: holds no features yet; run xfeat extract first")
+    backbone = args.backbone or default_backbone(groups, args.cache)[0]
+    params = classifier_params(args, (args.clf,)).get(args.clf, {})
+    from xfeat.evaluate import configurations
+
+    configurations((backbone,), (args.method,), (args.clf,), layer=args.layer)  # checks the names
+    validated = cross_validate(args.cache, backbone, args.method, args.clf, params=params, size=args.size,
+                               layer=args.layer, exclude_bundles=args.exclude_bundles)
+    model = fit_model(validated, params, target_recall=args.target_recall, exclude_bundles=args.exclude_bundles,
+                      cache=args.cache)
+    model.weights_path = weights_path_for(model.settings, args.weights)
+    if args.bundle_weights:
+        bundle_weights(model, args.weights)
+    save_model(model, args.out)
+    screening = screening_outcome(validated.scores, validated.features.y, validated.features.groups,
+                                  model.threshold, model.target_recall)
+    if not args.quiet:
+        say(format_tables([validated]))
+    if args.report:
+        written = write_results([validated], args.report, screening=screening)
+        if not args.quiet:
+            say(f"wrote {', '.join(str(p) for p in written.values())}")
+    training = model.training
+    say(f"screening: {screening_text(screening)}")
+    if not args.quiet:
+        say(f"trained {args.clf} on {training['images']} images ({training['abnormal']} abnormal) in "
+            f"{len(training['bundles'])} bundles; wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    if model.settings.weights_kind == "none":
+        say("xfeat: warning: features from random weights (--weights none): not ImageNet features")
+    return 0
