@@ -31,6 +31,17 @@ def write_dataset(root: Path, layout: dict[str, dict[str, int]], shape=(40, 24))
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks: one thread is faster, and much faster when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def small_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data", {"B1": {"normal": 3, "abnormal": 1}, "B2": {"normal": 2, "abnormal": 2}})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import random_image, write_dataset
+from conftest import random_image
 from xfeat.cli.main import main
 from xfeat.data import find_images
 from xfeat.errors import DataError, XfeatWarning

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from xfeat import __version__
 from xfeat.classify import CLASSIFIERS, make_classifier
@@ -26,13 +25,7 @@ from xfeat.estimator_state import estimator_from_state, estimator_state
 from xfeat.modelfile import FORMAT_VERSION, ModelFile, read_model_file, write_model_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks: one thread is faster, and much faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample_arrays() -> dict[str, np.ndarray]:
