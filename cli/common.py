@@ -26,6 +26,19 @@ def names_arg(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def check_writable(path: str) -> None:
+    """Refuse an output whose folder is missing before the work, not after it."""
+    from pathlib import Path
+
+    from xfeat.errors import DataError
+
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise DataError(path, f"cannot write here: folder {folder} does not exist")
+    if Path(path).is_dir():
+        raise DataError(path, "is a folder; give a file name")
+
+
 def say(message: str) -> None:
     """Progress and summaries go to stderr; stdout is kept for results a script may read."""
     print(message, file=sys.stderr)

@@ -28,6 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the fuel-cell paper's protocol: resnet34, m1-m4, fc with its hyper-parameters")
     p.add_argument("--report", metavar="DIR", help="write results.csv, results.json, predictions.csv, report.html")
     p.add_argument("--json", action="store_true", help="print the overall records as JSON on stdout")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the configurations on this Dask cluster (tcp://HOST:PORT or a scheduler file) "
+                        "instead of --jobs local processes; the workers read CACHE at the same path "
+                        '(a shared filesystem). Needs pip install "xfeat[dask]"')
     add_common(p)
     p.set_defaults(run=run)
 
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(classifiers) or '(none)'}; the cache holds {held}")
     if args.jobs is not None and args.jobs < 0:
         raise XfeatError("--jobs must be a positive number of processes")
-    results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1)
+    results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1, scheduler=args.scheduler)
     if args.json:  # stdout is for the script reading the JSON; the tables go to the person
         if not args.quiet:
             say(format_tables(results))
@@ -96,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r for res in results for r in res.records() if r["bundle"] == "overall"], indent=1))
     if not args.quiet:
+        where = f" on the Dask cluster at {args.scheduler}" if args.scheduler else ""
         say(f"evaluated {len(configs)} configurations x {len(results[0].bundles)} bundles in "
-            f"{time.perf_counter() - start:.1f} s")
+            f"{time.perf_counter() - start:.1f} s{where}")
     if any(r.features.random_weights for r in results):
         say("xfeat: warning: features from random weights (--weights none): not ImageNet features")
     return 0

@@ -42,28 +42,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xfeat.extract import ExtractConfig, extract  # imports torch: only when extracting
+    from xfeat.distributed import extract_distributed, torchrun_world  # imports torch: only when extracting
+    from xfeat.extract import ExtractConfig, extract
 
     config = ExtractConfig(backbones=args.backbone, methods=args.methods, size=args.size, flips=args.flips,
                            weights=args.weights, device=args.device, precision=args.precision,
                            batch_size=args.batch_size, workers=args.workers, jobs=args.jobs,
                            stats=WindowStats.load(args.stats) if args.stats else None)
-    with progress_bar(None, "extract", args.quiet) as bar:
+    world = torchrun_world()  # under torchrun this process is one rank of a distributed run
+    ranks, lead = (world.size, world.rank == 0) if world else (1, True)
+    quiet = args.quiet or not lead  # rank 0 reports for the whole run
+    with progress_bar(None, "extract" if ranks == 1 else f"extract (rank 0 of {ranks})", quiet) as bar:
         def on_plan(todo: int, cached: int) -> None:
-            if cached and not args.quiet:
-                bar.write(f"{cached} images already cached; computing {todo}")
+            if cached and not quiet:
+                bar.write(f"{cached} images already cached; computing {todo}" + (" on rank 0" if ranks > 1 else ""))
             bar.total = todo
             bar.refresh()
 
-        summary = extract(args.data, args.cache, config, skip_bad=args.skip_bad, progress=bar.update,
-                          on_plan=on_plan)
+        run_extract = extract_distributed if world else extract
+        summary = run_extract(args.data, args.cache, config, skip_bad=args.skip_bad, progress=bar.update,
+                              on_plan=on_plan)
+    if not lead:
+        return 0
     for s in summary.skipped:
         say(f"xfeat: warning: skipped {s.path}: {s.problem}")
     if config.weights == "none":
         say("xfeat: warning: random weights (--weights none): these features carry no ImageNet knowledge")
-    if not args.quiet:
-        say(f"extracted {summary.computed} images ({summary.cached} cached, {len(summary.skipped)} skipped) "
-            f"in {summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s on {summary.device} "
-            f"({summary.precision}); {args.cache}: {len(summary.groups)} groups, "
-            f"{summary.cache_bytes / 1e6:.1f} MB")
+    if args.quiet:
+        return 0
+    processes = f" x {ranks} processes" if ranks > 1 else ""
+    say(f"extracted {summary.computed} images ({summary.cached} cached, {len(summary.skipped)} skipped) "
+        f"in {summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s on {summary.device} "
+        f"({summary.precision}){processes}; {args.cache}: {len(summary.groups)} groups, "
+        f"{summary.cache_bytes / 1e6:.1f} MB")
     return 0

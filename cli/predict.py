@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from xfeat.cli.common import add_common, progress_bar, say
+from xfeat.cli.common import add_common, check_writable, progress_bar, say
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from xfeat.predict import gather_inputs, predict, write_predictions
 
     model = load_model(args.model)
+    check_writable(args.out)
     images = gather_inputs(args.inputs)
     if not images:
         raise XfeatError(f"no images found in {', '.join(args.inputs)} (.tif, .tiff or .png)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from xfeat.cli.common import add_common, names_arg, say
+from xfeat.cli.common import add_common, check_writable, names_arg, say
 from xfeat.cli.evaluate import add_classifier_options, classifier_params, default_backbone
 from xfeat.errors import XfeatError
 
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from xfeat.screening import screening_outcome
 
     start = time.perf_counter()
+    check_writable(args.out)
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise XfeatError(f"--target-recall must be in (0, 1], not {args.target_recall}")
     groups = list_groups(args.cache)

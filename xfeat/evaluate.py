@@ -167,9 +167,17 @@ def configurations(backbones: Sequence[str], methods: Sequence[str], classifiers
 
 
 def evaluate(cache: str | os.PathLike[str], configs: Sequence[Configuration], *, params: dict | None = None,
-             jobs: int = 1) -> list[ConfigurationResult]:
-    """Run every configuration; ``params`` maps a classifier name to its keyword arguments."""
+             jobs: int = 1, scheduler: str | None = None) -> list[ConfigurationResult]:
+    """Run every configuration; ``params`` maps a classifier name to its keyword arguments.
+
+    ``scheduler`` (``tcp://HOST:PORT`` or a scheduler file) runs them on that Dask cluster instead of ``jobs``
+    local processes, with the same results (see ``xfeat.distributed.evaluate_on_dask``).
+    """
     params = params or {}
+    if scheduler:
+        from xfeat.distributed import evaluate_on_dask
+
+        return evaluate_on_dask(cache, configs, params, scheduler)
     tasks = (delayed(evaluate_configuration)(cache, c, params.get(c.clf)) for c in configs)
     return list(Parallel(n_jobs=jobs)(tasks)) if jobs != 1 else [
         evaluate_configuration(cache, c, params.get(c.clf)) for c in configs]

@@ -26,7 +26,7 @@ from xfeat.data import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError
 from xfeat.images import load_image
 from xfeat.inference import prepare_model, resolve_precision, runner, select_device
-from xfeat.scan import scan_dataset
+from xfeat.scan import Scan, scan_dataset
 from xfeat.stats import WindowStats
 
 RESIZE = "cv2.INTER_AREA"
@@ -158,31 +158,49 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
     summary = ExtractSummary(device=str(device), precision=precision)
 
     with CacheWriter(cache) as writer:
-        needs_stats = any(m in NEEDS_STATS for m in config.methods)
-        stats = config.stats or writer.window_stats()
-        # Decoding every image before extraction is only worth it for statistics nobody has yet.
-        scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None)
-        warn_leaks(scan.records, [s.sha256 for s in scan.images])
-        summary.skipped = list(scan.skipped)
-        if needs_stats and stats is None:
-            stats = scan.window_stats()
-        groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
-                  for b in config.backbones for m in config.methods}
-        writer.prepare(list(groups.values()),
-                       {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
-                       stats if needs_stats else None)
-        work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
-        summary.cached = len(scan.records) - len(work)
-        summary.groups = [g.key for g in groups.values()]
+        plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad)
+        summary.skipped = list(plan.scan.skipped)
+        summary.cached = len(plan.scan.records) - len(plan.work)
+        summary.groups = [g.key for g in plan.groups.values()]
         if on_plan:
-            on_plan(len(work), summary.cached)
-        if work:
+            on_plan(len(plan.work), summary.cached)
+        if plan.work:
             models = {b: runner(prepare_model(e, device), device, precision) for b, e in extractors.items()}
-            summary.computed = _compute(work, groups, models, writer, config, stats, device, skip_bad,
-                                        summary.skipped, progress)
+            summary.computed = _compute(plan.work, plan.groups, models, writer, config, plan.stats, device,
+                                        skip_bad, summary.skipped, progress)
     summary.seconds = time.perf_counter() - start
     summary.cache_bytes = Path(cache).stat().st_size
     return summary
+
+
+@dataclass
+class Plan:
+    """What a run does, decided once against the cache (torchrun runs decide it on rank 0 and share it)."""
+
+    scan: Scan
+    stats: WindowStats | None  # the global window every conversion of this run uses
+    groups: dict[tuple[str, str], GroupSettings]
+    work: list[Work]  # in dataset order: the order rows are appended to the cache
+
+
+def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig, extractors: dict,
+                    precision: str, skip_bad: bool) -> Plan:
+    """Hash (and for new statistics decode) every image, settle the window statistics, create the groups
+    (refusing settings that differ from the cache's) and list what the cache lacks."""
+    needs_stats = any(m in NEEDS_STATS for m in config.methods)
+    stats = config.stats or writer.window_stats()
+    # Decoding every image before extraction is only worth it for statistics nobody has yet.
+    scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None)
+    warn_leaks(scan.records, [s.sha256 for s in scan.images])
+    if needs_stats and stats is None:
+        stats = scan.window_stats()
+    groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
+              for b in config.backbones for m in config.methods}
+    writer.prepare(list(groups.values()),
+                   {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
+                   stats if needs_stats else None)
+    work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
+    return Plan(scan, stats, groups, work)
 
 
 def _settings(extractor, backbone: str, method: str, config: ExtractConfig, precision: str,
