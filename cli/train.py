@@ -40,10 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from xfeat.evaluate import configurations
     from xfeat.features import list_groups
-    from xfeat.model import bundle_weights, cross_validate, fit_model, save_model, weights_path_for
+    from xfeat.model import bundle_weights, cross_validate, fit_model, save_model, screening_of, weights_path_for
     from xfeat.report import format_tables, screening_text, write_results
-    from xfeat.screening import screening_outcome
 
     start = time.perf_counter()
     check_writable(args.out)
@@ -54,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
         raise XfeatError(f"{args.cache}: holds no features yet; run xfeat extract first")
     backbone = args.backbone or default_backbone(groups, args.cache)[0]
     params = classifier_params(args, (args.clf,)).get(args.clf, {})
-    from xfeat.evaluate import configurations
-
     configurations((backbone,), (args.method,), (args.clf,), layer=args.layer)  # checks the names
     validated = cross_validate(args.cache, backbone, args.method, args.clf, params=params, size=args.size,
                                layer=args.layer, exclude_bundles=args.exclude_bundles)
@@ -65,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle_weights:
         bundle_weights(model, args.weights)
     save_model(model, args.out)
-    screening = screening_outcome(validated.scores, validated.features.y, validated.features.groups,
-                                  model.threshold, model.target_recall)
+    screening = screening_of(model)  # what the model file records is what the person is told
     if not args.quiet:
         say(format_tables([validated]))
     if args.report:

@@ -240,5 +240,5 @@ def load_model(path: str | os.PathLike[str]) -> ScreeningModel:
         raise DataError(path, f"malformed model file ({type(e).__name__}: {e})") from None
 
 
-__all__ = ["ScreeningModel", "cross_validate", "fit_model", "train_model", "screening_of", "save_model", "load_model", "bundle_weights", "model_extractor",
-           "weights_path_for"]
+__all__ = ["ScreeningModel", "cross_validate", "fit_model", "train_model", "screening_of", "save_model",
+           "load_model", "bundle_weights", "model_extractor", "weights_path_for"]
