@@ -107,6 +107,18 @@ def test_frozen_and_refuses_non_uint8():
         extractor(images().float())
 
 
+@pytest.mark.parametrize("name", ["resnet34", "efficientnet_lite0"])
+def test_random_weights_give_features_that_vary_with_the_image(name):
+    """--weights none is the baseline beside ImageNet: its features must carry signal, not vanish. (Depthwise
+    convs initialised with torchvision's fan-out once gave EfficientNet-Lite features of ~1e-9.)"""
+    extractor = build_extractor(name, weights="none")
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = extractor(x)
+    assert features.abs().mean() > 0.05
+    assert features.std(0).mean() > 0.01 * features.abs().mean()
+
+
 def test_none_is_deterministic_whatever_the_rng_state():
     torch.manual_seed(1)
     first = build_extractor("resnet34", weights="none")

@@ -231,8 +231,9 @@ def test_train_heads_matches_a_plain_pytorch_loop(optimizer):
     assert np.abs(forward(head.weights, head.biases, X) - expected).max() < 1e-4
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
 def test_bf16_matmuls_train_the_same_head_up_to_bf16_rounding():
-    """Mixed precision: bf16 copies of the weights in the matmuls, float32 master weights and accumulation."""
+    """Mixed precision: matmul inputs rounded to bf16, float32 weights, optimiser state and accumulation."""
     X, y = toy(200, d=16, seed=6)
     X4 = np.repeat(X[:, None], 4, axis=1)
     masks = np.ones((2, 200), bool)
@@ -248,6 +249,7 @@ def test_bf16_matmuls_train_the_same_head_up_to_bf16_rounding():
         agree = np.mean((forward(fp32.weights, fp32.biases, X)[:, 1] > forward(fp32.weights, fp32.biases, X)[:, 0])
                         == (forward(bf16.weights, bf16.biases, X)[:, 1] > forward(bf16.weights, bf16.biases, X)[:, 0]))
         assert agree >= 0.97
+    assert torch.get_float32_matmul_precision() == "highest"  # the process-wide setting is restored
     with pytest.raises(ValueError, match="precision"):
         train_heads(X4, y, masks, HeadConfig(epochs=1, precision="fp8"))
 

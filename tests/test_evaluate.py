@@ -109,6 +109,7 @@ def test_evaluate_command_prints_table_and_writes_report(toy_cache, tmp_path, ca
     captured = capsys.readouterr()
     assert "toy / fc" in captured.out and "Overall" in captured.out and "B0" in captured.out
     assert "random weights" in captured.err.lower()
+    assert "learned a constant" not in captured.err
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 * 5  # 4 classifiers x (4 bundles + overall)
@@ -118,6 +119,17 @@ def test_evaluate_command_prints_table_and_writes_report(toy_cache, tmp_path, ca
         assert sum(1 for _ in f) == 1 + 4 * 48
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 4
     assert json.loads((out / "results.json").read_text())
+
+
+def test_a_classifier_that_learned_a_constant_is_pointed_out(tmp_path, capsys):
+    """Featureless input: each fold scores all its held-out images alike, so the pooled AUROC only compares the
+    folds' constants; the console says so instead of leaving a below-chance AUROC unexplained."""
+    X, y, bundles = toy_features()
+    cache = write_feature_cache(tmp_path / "flat.h5", np.zeros_like(X), y, bundles)
+    assert main(["evaluate", str(cache), "--clf", "logreg", "--quiet", "--report", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "toy m2 logreg: the classifier scored every image of 4 of 4 held-out bundles alike" in err
+    assert "learned a constant" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_evaluate_command_errors_in_one_line(tmp_path, capsys, toy_cache):

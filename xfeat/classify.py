@@ -88,9 +88,9 @@ class FCHead(ClassifierMixin, BaseEstimator):
     step schedule the paper's resembles; ``optimizer="adam"`` for Adam), mini-batches of 32, decay factor 0.1,
     no weight decay.
 
-    ``precision="bf16"`` runs the matmuls on bf16 copies of the weights (float32 master weights, loss and
-    accumulation, as mixed-precision training does): faster on CPUs with native bf16 (AVX512-BF16, AMX) and
-    GPUs, and not bitwise equal to fp32 training.
+    ``precision="bf16"`` lets the matmuls round their inputs to bf16 and accumulate in float32 (weights,
+    optimiser state and loss stay float32, as in mixed-precision training): ~1.3x faster on CPUs with native
+    bf16 (AVX512-BF16, AMX), the same as fp32 elsewhere, and not bitwise equal to fp32 training.
 
     X is [N, D], or [N, F, D] with the F = 4 cached flip variants (none, h, v, hv) or F = 2 (none, h). With
     flips, each epoch each sample takes a horizontal flip with p = 0.5 and, independently, a vertical one with

@@ -143,10 +143,17 @@ class EfficientNetLite(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # torchvision's EfficientNet initialisation, so that random ("none") weights give usable activations
+        """He initialisation with each conv's true fan-out, so random ("none") weights give usable features.
+
+        torchvision's ``kaiming_normal_(mode="fan_out")`` counts all output channels even for a depthwise conv,
+        whose outputs each see one input channel: its weights come out ~sqrt(channels) too small, and with the
+        fresh BatchNorm statistics of eval mode the features of a random network shrank to ~1e-9.
+        """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                kh, kw = module.kernel_size
+                fan_out = module.out_channels // module.groups * kh * kw
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

@@ -63,6 +63,23 @@ class ConfigurationResult:
     def interval(self, seed: int = 0) -> tuple[float, float]:
         return bundle_bootstrap(list(self.counts.values()), seed=seed)
 
+    @property
+    def constant_bundles(self) -> list[str]:
+        """Held-out bundles (of 2+ images) in which every image got the same score: the fold's classifier learned
+        a constant. Their offsets, not any ranking, then drive the pooled AUROC, even below chance."""
+        groups = self.features.groups
+        return [b for b in self.bundles
+                if np.sum(groups == b) > 1 and np.ptp(self.scores[groups == b]) == 0]
+
+    def constant_note(self) -> str:
+        """A warning in words when ``constant_bundles`` is not empty, else ""."""
+        if not self.constant_bundles:
+            return ""
+        c = self.config
+        return (f"{c.backbone} {c.method} {c.clf}: the classifier scored every image of {len(self.constant_bundles)} "
+                f"of {len(self.bundles)} held-out bundles alike (it learned a constant); the pooled AUROC then "
+                f"reflects per-fold offsets, not a ranking")
+
     def records(self) -> list[dict]:
         """One record per bundle and one with bundle ``overall``: what results.csv/json hold."""
         fs, cfg = self.features, self.config

@@ -9,8 +9,11 @@ features do not depend on which other images shared its batch (bitwise-equal res
 from __future__ import annotations
 
 import os
+import pickle
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,9 +106,29 @@ class _ConvertedImages(TorchDataset):
 
     def __init__(self, work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None) -> None:
         self.work, self.size, self.stats = work, size, stats
+        self._payload: str | None = None
 
     def __len__(self) -> int:
         return len(self.work)
+
+    def __getstate__(self) -> dict:
+        """What a spawned worker receives: the path of a file holding the work, not the work itself.
+
+        multiprocessing writes a new process's arguments into a pipe while it still holds the pipe's read end
+        itself, so a worker that dies before reading more than the pipe's 64 KB would block the extraction
+        forever. A path is ~100 bytes; a dead worker then surfaces as DataLoader's "worker exited unexpectedly".
+        """
+        if self._payload is None:
+            fd, self._payload = tempfile.mkstemp(prefix="xfeat-work-", suffix=".pickle")
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump((self.work, self.stats), f, protocol=pickle.HIGHEST_PROTOCOL)
+            weakref.finalize(self, os.unlink, self._payload)
+        return {"size": self.size, "payload": self._payload}
+
+    def __setstate__(self, state: dict) -> None:
+        with open(state["payload"], "rb") as f:
+            self.work, self.stats = pickle.load(f)
+        self.size, self._payload = state["size"], None
 
     def __getitem__(self, i: int) -> dict:
         item = self.work[i]
@@ -242,16 +265,31 @@ def _rows(features: np.ndarray, records: Sequence[ImageRecord], items: Sequence[
 
 
 def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, per_batch: int,
-                  workers: int | None, device: torch.device) -> DataLoader:
+                  workers: int | None, device: torch.device) -> Iterator[list[dict]]:
     """Batches of decoded, converted, resized images (lists of dicts: ``index`` into ``work``, ``problem``
     ("" when fine), ``sha256``, ``height``, ``width``, ``pixels`` {method: [C, H, W] uint8}), decoded in
-    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference."""
+    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference.
+
+    A worker process that dies (killed, out of memory) ends the iteration with a one-line XfeatError; what
+    the caller has committed stays committed."""
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    return DataLoader(_ConvertedImages(work, size, stats), batch_size=per_batch, shuffle=False,
-                      num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
-                      pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
-                      # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
-                      multiprocessing_context="spawn" if workers else None)
+    loader = DataLoader(_ConvertedImages(work, size, stats), batch_size=per_batch, shuffle=False,
+                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
+                        # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
+                        multiprocessing_context="spawn" if workers else None)
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "exited unexpectedly" not in str(e):
+                raise
+            raise XfeatError(f"an image-decoding worker process died ({e}); run the command again to resume, "
+                             f"or use --workers 0 to decode in this process") from e
+        yield batch
 
 
 def _compute(work: list[Work], groups, models, writer: CacheWriter, config: ExtractConfig,

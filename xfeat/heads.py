@@ -6,9 +6,11 @@ head still sees only its own training rows, in its own random order, with its ow
 and optimiser state: training a head in a group of K gives the same result, up to float rounding, as
 training it alone (K = 1 is ``FCHead.fit``).
 
-The cost is mostly arithmetic: ~5.9 MFLOP per sample per epoch for D = 512, so the paper's grid (4 methods
-x 12 folds x 50 epochs x ~650 samples) is ~9.3 TFLOP, about three minutes on one CPU core at ~50 GFLOPS
-whatever the grouping.
+The cost: ~5.9 MFLOP per sample per epoch for D = 512, so the paper's grid (4 methods x 12 folds x 50 epochs
+x ~655 samples, 50,400 steps of batch 32) is ~9.5 TFLOP. On this project's 2-core CPU a step runs at ~45
+GFLOP/s per core whatever the grouping (matmuls with 32 rows reach ~110-135 GFLOP/s when their weights are in
+cache, but each step streams ~30 MB of weights, gradients and momentum), so the grid takes ~110 s with a
+configuration per core; ``precision="bf16"`` (``matmul_precision``) cuts that to ~95 s.
 
 The network is the paper's: Linear(D, 1000) (the backbone's ImageNet fc) -> ReLU -> 512 -> ReLU -> 256 ->
 ReLU -> 2, cross-entropy, step-decayed learning rate. ``init_head`` builds the same network as a
@@ -17,8 +19,9 @@ ReLU -> 2, cross-entropy, step-decayed learning rate. ``init_head`` builds the s
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +32,7 @@ HIDDEN = (1000, 512, 256)
 N_CLASSES = 2
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": "highest", "bf16": "medium"}  # torch.set_float32_matmul_precision's names
 
 
 @dataclass(frozen=True)
@@ -161,9 +164,10 @@ def train_heads(X: np.ndarray, y: np.ndarray, train_masks: np.ndarray, config: H
     if masks.shape[1] != len(X3) or len(y) != len(X3) or len(seeds) != len(masks):
         raise ValueError(f"{len(X3)} samples, {len(y)} labels, train masks {masks.shape}, {len(seeds)} seeds")
     heads: list[TrainedHead] = []
-    for start in range(0, len(masks), group_size):
-        group = slice(start, start + group_size)
-        heads += _train_group(X3, y, masks[group], config, seeds[group], fc_weight, fc_bias)
+    with matmul_precision(config.precision):
+        for start in range(0, len(masks), group_size):
+            group = slice(start, start + group_size)
+            heads += _train_group(X3, y, masks[group], config, seeds[group], fc_weight, fc_bias)
     return heads
 
 
@@ -217,8 +221,6 @@ class _Tensors:
     """Everything K heads update while training, allocated once: a fresh multi-megabyte tensor every step
     costs page faults worth a third of the step's arithmetic.
 
-    ``low`` holds the weights as the matmuls read them (``params`` themselves in fp32, bf16 copies refreshed
-    after each step otherwise); ``scratch`` the bf16 weight gradients before their float32 accumulation.
     For SGD, ``state`` is [momentum] per parameter and gradients go straight into it (``grads`` is empty);
     for Adam it is [first moment, second moment, step count].
     """
@@ -226,8 +228,6 @@ class _Tensors:
     params: list[torch.Tensor]
     state: list[list[torch.Tensor]]
     grads: list[torch.Tensor]
-    low: list[torch.Tensor]
-    scratch: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, params: list[torch.Tensor], config: HeadConfig) -> _Tensors:
@@ -239,17 +239,12 @@ class _Tensors:
             grads = [torch.zeros_like(p) for p in params]
         else:
             raise ValueError(f"unknown optimizer {config.optimizer!r}; one of sgd, adam")
-        if config.precision not in MATMUL_DTYPES:
-            raise ValueError(f"unknown precision {config.precision!r}; one of {', '.join(MATMUL_DTYPES)}")
-        dtype = MATMUL_DTYPES[config.precision]
-        low = params if dtype == torch.float32 else [p.to(dtype) for p in params]
-        scratch = [] if dtype == torch.float32 else [torch.empty_like(w) for w in low[0::2]]
-        return cls(params, state, grads, low, scratch)
+        return cls(params, state, grads)
 
     def prefix(self, k: int) -> _Tensors:
         """The first k heads (views: updating them updates these tensors)."""
         return _Tensors([p[:k] for p in self.params], [[s[:k] for s in group] for group in self.state],
-                        [g[:k] for g in self.grads], [w[:k] for w in self.low], [g[:k] for g in self.scratch])
+                        [g[:k] for g in self.grads])
 
 
 def _epoch_batches(rngs, rows, n_variants, flips, width):
@@ -286,27 +281,19 @@ def _step(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tens
             step = (lr / (1 - ADAM_BETAS[0] ** count)).float()  # bias corrections in float64, as torch does
             denom = (v.sqrt() / (1 - ADAM_BETAS[1] ** count).sqrt().float()).add_(ADAM_EPS)
             p.sub_((m / denom).mul_(step))
-    if t.low is not t.params:
-        for w, p in zip(t.low, t.params):
-            w.copy_(p)
     return loss
 
 
 def _backward(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
               into: list[torch.Tensor], beta: float) -> torch.Tensor:
     """Class-weighted mean cross-entropy of each head on its mini-batch, with its gradients written to ``into``
-    as ``into = beta * into + gradient``. Backward pass by hand.
-
-    The matmuls read ``t.low`` (bf16 copies of the weights, as autocast would make them, or the float32
-    weights); the loss, its gradient, bias gradients and all accumulation stay in float32.
-    """
-    n_layers = len(t.low) // 2
-    dtype = t.low[0].dtype
-    acts = [x.to(dtype)]
+    as ``into = beta * into + gradient``. Backward pass by hand."""
+    n_layers = len(t.params) // 2
+    acts = [x]
     for layer in range(n_layers):
-        z = torch.baddbmm(t.low[2 * layer + 1], acts[-1], t.low[2 * layer])
-        acts.append(z.relu() if layer < n_layers - 1 else z)
-    logp = acts[-1].float().log_softmax(-1)
+        z = torch.baddbmm(t.params[2 * layer + 1], acts[-1], t.params[2 * layer])
+        acts.append(z.relu_() if layer < n_layers - 1 else z)
+    logp = acts[-1].log_softmax(-1)
     weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-12)  # the weighted mean of PyTorch's loss
     loss = -(weight * logp.gather(-1, target[..., None])[..., 0]).sum(1)
     delta = logp.exp()
@@ -315,15 +302,27 @@ def _backward(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.
     for layer in reversed(range(n_layers)):
         grad_w, grad_b = into[2 * layer], into[2 * layer + 1]
         torch.add(delta.sum(1, keepdim=True), grad_b, alpha=beta, out=grad_b)
-        delta = delta.to(dtype)
-        if dtype == torch.float32:
-            grad_w.baddbmm_(acts[layer].transpose(1, 2), delta, beta=beta)
-        else:
-            low_grad = torch.bmm(acts[layer].transpose(1, 2), delta, out=t.scratch[layer])
-            torch.add(low_grad, grad_w, alpha=beta, out=grad_w)
+        grad_w.baddbmm_(acts[layer].transpose(1, 2), delta, beta=beta)
         if layer:
-            delta = torch.bmm(delta, t.low[2 * layer].transpose(1, 2)).float() * (acts[layer] > 0)
+            delta = torch.bmm(delta, t.params[2 * layer].transpose(1, 2)).mul_(acts[layer] > 0)
     return loss
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Run float32 matmuls in ``precision``: "bf16" lets oneDNN (CPU) or cuBLAS round their inputs to bf16 and
+    accumulate in float32, as autocast would, while weights, optimiser state and everything else stay float32.
+
+    It is a process-wide torch setting, restored on exit; CPUs without bf16 support keep computing in float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(PRECISIONS[precision])
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _unstack(params, losses, counts, unsort) -> list[TrainedHead]:
@@ -337,4 +336,4 @@ def _unstack(params, losses, counts, unsort) -> list[TrainedHead]:
 
 
 __all__ = ["HeadConfig", "TrainedHead", "train_heads", "init_head", "head_module", "epoch_plan", "forward",
-           "as_variants", "class_weights"]
+           "as_variants", "class_weights", "matmul_precision"]
