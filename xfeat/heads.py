@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +145,7 @@ def forward(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], X: np.n
 
 def train_heads(X: np.ndarray, y: np.ndarray, train_masks: np.ndarray, config: HeadConfig,
                 seeds: int | Sequence[int] = 0, fc_weight: np.ndarray | None = None,
-                fc_bias: np.ndarray | None = None, group_size: int = 12) -> list[TrainedHead]:
+                fc_bias: np.ndarray | None = None, group_size: int = 3) -> list[TrainedHead]:
     """Train one head per row of ``train_masks`` ([K, N] booleans) on features X [N, D] or [N, F, D].
 
     ``y`` holds 0 / 1 (1 = abnormal). Head k trains on the rows where ``train_masks[k]`` is true, drawing
@@ -195,14 +195,18 @@ def _train_group(X3: torch.Tensor, y: np.ndarray, masks: np.ndarray, config: Hea
         for k, v in enumerate(variant):
             counts[k] += np.bincount(v[: len(rows[k])], minlength=n_variants)
         index, variant, valid = map(torch.from_numpy, (index, variant, valid))
+        # the whole epoch's inputs, labels and loss weights at once: per step only views are taken
+        x_epoch, y_epoch = X3[index, variant], targets[index]
+        w_epoch = weights.gather(1, y_epoch) * valid
+        epoch_loss = torch.zeros(n_heads)
         for step in range(int(n_batches[0])):
             k = int(np.sum(n_batches > step))
             cols = slice(step * B, (step + 1) * B)
-            xb = X3[index[:k, cols], variant[:k, cols]]
-            yb = targets[index[:k, cols]]
-            wb = weights[:k].gather(1, yb) * valid[:k, cols]
-            loss = _step(tensors.prefix(k), xb, yb, wb, config, config.lr_at(epoch))
-            losses[:k, epoch] += loss.numpy() / n_batches[:k]
+            active = tensors if k == n_heads else tensors.prefix(k)
+            loss = _step(active, x_epoch[:k, cols], y_epoch[:k, cols], w_epoch[:k, cols], config,
+                         config.lr_at(epoch))
+            epoch_loss[:k] += loss
+        losses[:, epoch] = epoch_loss.numpy() / n_batches
     return _unstack(params, losses, counts, np.argsort(sort))
 
 
@@ -269,25 +273,29 @@ def _step(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     """
     if config.optimizer == "sgd":
         momentum = [s[0] for s in t.state]
-        loss = _backward(t, x, target, weight, momentum, config.momentum)
-        for p, m in zip(t.params, momentum):
-            p.add_(m, alpha=-lr)
-    else:
-        loss = _backward(t, x, target, weight, t.grads, 0.0)
-        for p, g, (m, v, count) in zip(t.params, t.grads, t.state):
-            count += 1
-            m.lerp_(g, 1 - ADAM_BETAS[0])
-            v.mul_(ADAM_BETAS[1]).addcmul_(g, g, value=1 - ADAM_BETAS[1])
-            step = (lr / (1 - ADAM_BETAS[0] ** count)).float()  # bias corrections in float64, as torch does
-            denom = (v.sqrt() / (1 - ADAM_BETAS[1] ** count).sqrt().float()).add_(ADAM_EPS)
-            p.sub_((m / denom).mul_(step))
-    return loss
+
+        def update(i: int) -> None:
+            t.params[i].add_(momentum[i], alpha=-lr)
+
+        return _backward(t, x, target, weight, momentum, config.momentum, update)
+
+    def update(i: int) -> None:
+        p, g, (m, v, count) = t.params[i], t.grads[i], t.state[i]
+        count += 1
+        m.lerp_(g, 1 - ADAM_BETAS[0])
+        v.mul_(ADAM_BETAS[1]).addcmul_(g, g, value=1 - ADAM_BETAS[1])
+        step = (lr / (1 - ADAM_BETAS[0] ** count)).float()  # bias corrections in float64, as torch does
+        denom = (v.sqrt() / (1 - ADAM_BETAS[1] ** count).sqrt().float()).add_(ADAM_EPS)
+        p.sub_((m / denom).mul_(step))
+
+    return _backward(t, x, target, weight, t.grads, 0.0, update)
 
 
 def _backward(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-              into: list[torch.Tensor], beta: float) -> torch.Tensor:
+              into: list[torch.Tensor], beta: float, update: Callable[[int], None]) -> torch.Tensor:
     """Class-weighted mean cross-entropy of each head on its mini-batch, with its gradients written to ``into``
-    as ``into = beta * into + gradient``. Backward pass by hand."""
+    as ``into = beta * into + gradient``, and ``update(i)`` called for parameter i as soon as backpropagation
+    no longer needs it: its weights and gradient are then still in cache. Backward pass by hand."""
     n_layers = len(t.params) // 2
     acts = [x]
     for layer in range(n_layers):
@@ -300,11 +308,15 @@ def _backward(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.
     delta.scatter_add_(-1, target[..., None], -torch.ones_like(delta[..., :1]))
     delta *= weight[..., None]
     for layer in reversed(range(n_layers)):
-        grad_w, grad_b = into[2 * layer], into[2 * layer + 1]
+        w, grad_w, grad_b = t.params[2 * layer], into[2 * layer], into[2 * layer + 1]
         torch.add(delta.sum(1, keepdim=True), grad_b, alpha=beta, out=grad_b)
         grad_w.baddbmm_(acts[layer].transpose(1, 2), delta, beta=beta)
-        if layer:
-            delta = torch.bmm(delta, t.params[2 * layer].transpose(1, 2)).mul_(acts[layer] > 0)
+        if layer:  # the error of the layer below, through the weights before their update
+            below = torch.bmm(delta, w.transpose(1, 2))
+            # ReLU's backward, as autograd runs it: zero where the activation was (one pass, no mask tensor)
+            delta = torch.ops.aten.threshold_backward(below, acts[layer], 0.0)
+        update(2 * layer)
+        update(2 * layer + 1)
     return loss
 
 
