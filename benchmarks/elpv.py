@@ -18,27 +18,24 @@ modules, AUROC is over the pooled out-of-fold scores.
 
     python benchmarks/elpv.py [--size 224x224] [--flips 4] [--epochs 50] [--jobs 2] [--report DIR] [--workdir DIR]
 
-About 35 minutes on this 2-core CPU (shared with other jobs while measured): 848 s extracting (2 weights x
-2,624 images x 4 flips at 224 x 224, 5-8 images/s), 1,281 s evaluating, nearly all of it fc: 44 heads x ~2,570
-rows trained together on one core (~1.3 TFLOP, ~20 s per epoch), once per weights. The two fc runs go side by
-side in one pool, which saves ~17 minutes over calling ``evaluate`` per cache. ``--flips 1`` cuts extraction
-by ~4x (fc then trains without flips); ``--workdir`` keeps PNGs and caches (outside the repo) so that a rerun
-only evaluates.
+The last run: 36 minutes on this 2-core CPU (shared with other jobs, and before the fc speed-ups of
+docs/evaluate.md's Speed section): 482 s extracting per weights (2,624 images x 4 flips at 224 x 224, ~5
+images/s), 1,682 s evaluating, nearly all of it fc: 44 heads x ~2,570 rows, once per weights, the two fc
+runs side by side in one pool. ``--flips 1`` cuts extraction by ~4x (fc then trains without flips);
+``--workdir`` keeps PNGs and caches (outside the repo) so that a rerun only evaluates.
 
 Measured here (224 x 224, fc 50 epochs; balanced accuracy and its 95 % module-bootstrap interval in %):
 
     classifier    imagenet BA 95% CI      AUROC      none BA 95% CI      AUROC
-    fc                   73.7 66.4-80.2   0.831         50.0 50.0-50.0   0.205
-    svm                  72.2 65.5-78.3   0.788         61.8 55.2-67.9   0.648
-    logreg               71.7 65.6-77.5   0.770         66.2 61.3-70.8   0.729
-    knn                  65.0 57.2-72.0   0.703         60.1 54.0-66.4   0.657
-    mahalanobis          64.0 55.8-71.3   0.761         56.3 52.8-60.2   0.605
+    fc                   73.8 66.5-80.3   0.831         68.8 62.9-74.4   0.729
+    svm                  72.2 65.5-78.3   0.788         61.7 56.7-66.2   0.667
+    logreg               71.7 65.6-77.5   0.770         62.4 58.2-66.3   0.660
+    knn                  65.0 57.2-72.0   0.703         62.8 56.5-68.9   0.699
+    mahalanobis          64.0 55.8-71.3   0.761         51.6 50.5-53.1   0.659
 
-ImageNet features win for every classifier, by 5.5 to 24 points; the paper's fc head is best (73.7), with svm and
-logreg within its interval; the one-class scores trail. Random efficientnet_lite0 features are tiny (~1e-9: the
-signal fades through the frozen random network), which the standardising classifiers undo but fc cannot: it
-learns one constant per fold, decides "normal" for every image (50.0), and since that constant follows the
-training folds' class balance, the pooled AUROC falls below chance (0.205; within modules it is 0.49).
+ImageNet features win for every classifier, by 2 (knn) to 12 points (mahalanobis); the paper's fc head is best
+(73.8), with svm and logreg within its interval; the one-class scores trail. Random convolutional features
+still carry signal (fc 68.8), so ``--weights none`` is the baseline to beat, not chance.
 """
 
 from __future__ import annotations

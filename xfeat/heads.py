@@ -7,10 +7,11 @@ and optimiser state: training a head in a group of K gives the same result, up t
 training it alone (K = 1 is ``FCHead.fit``).
 
 The cost: ~5.9 MFLOP per sample per epoch for D = 512, so the paper's grid (4 methods x 12 folds x 50 epochs
-x ~655 samples, 50,400 steps of batch 32) is ~9.5 TFLOP. On this project's 2-core CPU a step runs at ~45
-GFLOP/s per core whatever the grouping (matmuls with 32 rows reach ~110-135 GFLOP/s when their weights are in
-cache, but each step streams ~30 MB of weights, gradients and momentum), so the grid takes ~110 s with a
-configuration per core; ``precision="bf16"`` (``matmul_precision``) cuts that to ~95 s.
+x ~655 samples, 50,400 steps of batch 32) is ~9.5 TFLOP. A step also streams each head's weights and momentum
+(~9 MB, beyond a core's L2), so each layer is updated as soon as backpropagation is past it, while its
+weights and gradient are still in cache, and heads train a few at a time (``group_size`` 3: per-operation
+overhead shared, working set small). On this project's 2-core CPU: ~2.5 ms per head and step in fp32 (~75
+GFLOP/s), ~1.9 ms with ``precision="bf16"``; the grid in ~64 s / ~50 s with a configuration per core.
 
 The network is the paper's: Linear(D, 1000) (the backbone's ImageNet fc) -> ReLU -> 512 -> ReLU -> 256 ->
 ReLU -> 2, cross-entropy, step-decayed learning rate. ``init_head`` builds the same network as a
@@ -152,10 +153,9 @@ def train_heads(X: np.ndarray, y: np.ndarray, train_masks: np.ndarray, config: H
     its initial weights, data order and flips from ``seeds[k]`` (one int: the same seed for every head, so
     head k equals a head trained alone on its rows with that seed).
 
-    Heads train ``group_size`` at a time (results do not depend on it; 12 = one method's folds in the paper's
-    protocol). On one uncontended CPU thread a step of one head is already ~0.2 GFLOP (D = 512, batch 32),
-    so grouping gains little there and large groups lose ~20 % to memory traffic; with several torch threads
-    on a busy machine the per-operation cost dominates and groups are several times faster than one by one.
+    Heads train ``group_size`` at a time (results do not depend on it beyond float rounding). Measured on one
+    thread, ms per head and step in fp32 / bf16: 1 head 2.6 / 2.5, 3 heads 2.4 / 1.9, 12 heads 2.9 / 1.9:
+    grouping shares the per-operation overhead, and large groups no longer fit in cache.
     """
     X3 = torch.from_numpy(as_variants(X))
     y = np.asarray(y, dtype=np.int64)
@@ -268,18 +268,18 @@ def _step(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     torch.optim.Adam; returns each head's loss.
 
     For SGD the backward pass adds each gradient straight into its momentum buffer (the GEMM's
-    ``beta * C + A @ B``), saving two passes over the 1.2 M parameters of each head per step: on a CPU the step
-    is as much memory traffic as arithmetic.
+    ``beta * C + A @ B``), saving two passes over the 1.2 M parameters of each head per step, and each layer is
+    updated right after its gradient: on a CPU the step is as much memory traffic as arithmetic.
     """
     if config.optimizer == "sgd":
         momentum = [s[0] for s in t.state]
 
-        def update(i: int) -> None:
+        def sgd_update(i: int) -> None:
             t.params[i].add_(momentum[i], alpha=-lr)
 
-        return _backward(t, x, target, weight, momentum, config.momentum, update)
+        return _backward(t, x, target, weight, momentum, config.momentum, sgd_update)
 
-    def update(i: int) -> None:
+    def adam_update(i: int) -> None:
         p, g, (m, v, count) = t.params[i], t.grads[i], t.state[i]
         count += 1
         m.lerp_(g, 1 - ADAM_BETAS[0])
@@ -288,7 +288,7 @@ def _step(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tens
         denom = (v.sqrt() / (1 - ADAM_BETAS[1] ** count).sqrt().float()).add_(ADAM_EPS)
         p.sub_((m / denom).mul_(step))
 
-    return _backward(t, x, target, weight, t.grads, 0.0, update)
+    return _backward(t, x, target, weight, t.grads, 0.0, adam_update)
 
 
 def _backward(t: _Tensors, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
