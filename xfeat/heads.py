@@ -9,7 +9,7 @@ training it alone (K = 1 is ``FCHead.fit``).
 The cost: ~5.9 MFLOP per sample per epoch for D = 512, so the paper's grid (4 methods x 12 folds x 50 epochs
 x ~655 samples, 50,400 steps of batch 32) is ~9.5 TFLOP. A step also streams each head's weights and momentum
 (~9 MB, beyond a core's L2), so each layer is updated as soon as backpropagation is past it, while its
-weights and gradient are still in cache, and heads train a few at a time (``group_size`` 3: per-operation
+weights and gradient are still in cache, and heads train a few at a time (3 at D = 512: per-operation
 overhead shared, working set small). On this project's 2-core CPU: ~2.5 ms per head and step in fp32 (~75
 GFLOP/s), ~1.9 ms with ``precision="bf16"``; the grid in ~64 s / ~50 s with a configuration per core.
 
@@ -34,6 +34,7 @@ N_CLASSES = 2
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 PRECISIONS = {"fp32": "highest", "bf16": "medium"}  # torch.set_float32_matmul_precision's names
+GROUP_BYTES = 15e6  # float32 weights of heads trained together: 3 heads at D = 512, 2 at 768, 1 from 1280 on
 
 
 @dataclass(frozen=True)
@@ -146,16 +147,17 @@ def forward(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], X: np.n
 
 def train_heads(X: np.ndarray, y: np.ndarray, train_masks: np.ndarray, config: HeadConfig,
                 seeds: int | Sequence[int] = 0, fc_weight: np.ndarray | None = None,
-                fc_bias: np.ndarray | None = None, group_size: int = 3) -> list[TrainedHead]:
+                fc_bias: np.ndarray | None = None, group_size: int | None = None) -> list[TrainedHead]:
     """Train one head per row of ``train_masks`` ([K, N] booleans) on features X [N, D] or [N, F, D].
 
     ``y`` holds 0 / 1 (1 = abnormal). Head k trains on the rows where ``train_masks[k]`` is true, drawing
     its initial weights, data order and flips from ``seeds[k]`` (one int: the same seed for every head, so
     head k equals a head trained alone on its rows with that seed).
 
-    Heads train ``group_size`` at a time (results do not depend on it beyond float rounding). Measured on one
-    thread, ms per head and step in fp32 / bf16: 1 head 2.6 / 2.5, 3 heads 2.4 / 1.9, 12 heads 2.9 / 1.9:
-    grouping shares the per-operation overhead, and large groups no longer fit in cache.
+    Heads train ``group_size`` at a time (results do not depend on it beyond float rounding); by default as many
+    as keep a group's float32 weights within ``GROUP_BYTES``. Measured on one thread, ms per head and step:
+    D = 512 (fp32 / bf16): 1 head 2.6 / 2.5, 3 heads 2.4 / 1.9, 12 heads 2.9 / 1.9; D = 1280 (fp32): 1 head 5.2,
+    2 heads 6.5, 3 heads 6.2. Grouping shares the per-operation overhead; large groups fall out of cache.
     """
     X3 = torch.from_numpy(as_variants(X))
     y = np.asarray(y, dtype=np.int64)
@@ -163,6 +165,9 @@ def train_heads(X: np.ndarray, y: np.ndarray, train_masks: np.ndarray, config: H
     seeds = [int(seeds)] * len(masks) if np.isscalar(seeds) else [int(s) for s in seeds]
     if masks.shape[1] != len(X3) or len(y) != len(X3) or len(seeds) != len(masks):
         raise ValueError(f"{len(X3)} samples, {len(y)} labels, train masks {masks.shape}, {len(seeds)} seeds")
+    if group_size is None:
+        n_params = sum(n_in * n_out + n_out for n_in, n_out in zip((X3.shape[2], *HIDDEN), (*HIDDEN, N_CLASSES)))
+        group_size = max(1, int(GROUP_BYTES // (4 * n_params)))
     heads: list[TrainedHead] = []
     with matmul_precision(config.precision):
         for start in range(0, len(masks), group_size):
