@@ -103,9 +103,8 @@ def run(args: argparse.Namespace) -> int:
         where = f" on the Dask cluster at {args.scheduler}" if args.scheduler else ""
         say(f"evaluated {len(configs)} configurations x {len(results[0].bundles)} bundles in "
             f"{time.perf_counter() - start:.1f} s{where}")
-    for r in results:
-        if r.constant_note():
-            say(f"xfeat: warning: {r.constant_note()}")
+    for note in filter(None, (r.constant_note() for r in results)):
+        say(f"xfeat: warning: {note}")
     if any(r.features.random_weights for r in results):
         say("xfeat: warning: features from random weights (--weights none): not ImageNet features")
     return 0

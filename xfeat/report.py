@@ -426,7 +426,7 @@ def _section(group: Sequence[ConfigurationResult]) -> str:
               render_html_table(table)]
     if table.has_one_class:
         parts.append(f"<p class=note>{e(ONE_CLASS_NOTE)}</p>")
-    parts += [f"<p class=warn>{e(r.constant_note())}</p>" for r in group if r.constant_note()]
+    parts += [f"<p class=warn>{e(note)}</p>" for note in filter(None, (r.constant_note() for r in group))]
     parts += ["<h3>Per bundle</h3>", _img(bundle_bars(table), f"balanced accuracy per bundle, {_title(table)}"),
               "<h3>Overall confusion matrices (summed over folds)</h3>",
               _img(confusion_matrices(group), f"confusion matrices, {_title(table)}"),
