@@ -3,7 +3,7 @@
 Both paths run leave-one-bundle-out (one fold per bundle) on the same small synthetic dataset, one conversion
 method (m2), the same backbone and input size, and train the same network the same way:
 
-* **cache**: ``xfeat.extract.extract`` computes the pooled trunk features of every image in its 4 flip
+* **cache**: ``xfeat.features.extract.extract`` computes the pooled trunk features of every image in its 4 flip
   variants (none, h, v, hv) once, into a temporary HDF5 cache; then ``FCHead.fit_many`` trains the fc head of
   every fold on the cache, replaying the flips from it. Timed: the whole extraction call (statistics pass,
   decoding, inference with BatchNorm folded and channels-last, cache writing), loading the cache, training the
@@ -16,7 +16,7 @@ method (m2), the same backbone and input size, and train the same network the sa
   path is spared re-reading files each epoch), training and predicting.
 
 Same draws: each fold's head starts from ``init_head(D, seed, fc)`` and takes its sample order and flips from
-``epoch_plan`` with ``default_rng(seed)``, exactly as ``xfeat.heads`` does, so the mini-batches, the flip
+``epoch_plan`` with ``default_rng(seed)``, exactly as ``xfeat.learn.fc_training`` does, so the mini-batches, the flip
 variant of every sample and the initial weights are identical; only where the trunk's output comes from differs.
 The extractor runs the trunk with BatchNorm folded into the convolutions and channels-last memory, at a
 different batch size; the end-to-end trunk is the plain module. That changes float rounding only, and the
@@ -54,15 +54,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from xfeat.backbones import build_extractor
-from xfeat.classify import FCHead
-from xfeat.convert import convert
-from xfeat.data import find_images
-from xfeat.extract import ExtractConfig, extract
-from xfeat.features import load_features
-from xfeat.heads import HeadConfig, class_weights, epoch_plan, init_head
-from xfeat.images import load_image
-from xfeat.scan import scan_dataset
+from xfeat.features.extractor import build_extractor
+from xfeat.learn.classifiers import FCHead
+from xfeat.convert.methods import convert
+from xfeat.io.dataset import find_images
+from xfeat.features.extract import ExtractConfig, extract
+from xfeat.features.reading import load_features
+from xfeat.learn.fc_training import HeadConfig, class_weights, epoch_plan, init_head
+from xfeat.io.images import load_image
+from xfeat.convert.scan import scan_dataset
 from xfeat.synth import make_dataset
 
 METHOD = "m2"
@@ -182,7 +182,7 @@ def train_fold(features: Features, fc, y: torch.Tensor, train_rows: np.ndarray, 
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
     weight = torch.tensor(class_weights(y[train_rows].numpy(), config.class_weight), dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=weight)  # the weighted mean, as xfeat.heads computes it
+    loss_fn = nn.CrossEntropyLoss(weight=weight)  # the weighted mean, as xfeat.learn.fc_training computes it
     rng = np.random.default_rng(seed)
     for _ in range(config.epochs):
         order, variant = epoch_plan(rng, len(train_rows), N_VARIANTS, config.flips)

@@ -3,9 +3,9 @@
 ELPV (``pip install elpv-dataset``) holds 2,624 electroluminescence images of solar cells, 8-bit 300 x 300, cut
 from 44 modules; ``../shared/data/elpv_modules.csv`` gives each image's (inferred) module, and an image is
 abnormal when its defect probability is >= 0.5 (821 abnormal). Everything goes through xfeat's own pipeline:
-the images are written as PNGs with a CSV manifest (bundle = module) into a temporary folder, ``xfeat.extract``
+the images are written as PNGs with a CSV manifest (bundle = module) into a temporary folder, ``xfeat.features.extract``
 caches efficientnet_lite0 features (method m1, 4 flips), once with ``--weights imagenet`` and once with
-``--weights none``, and ``xfeat.evaluate`` runs every classifier of ``xfeat.classify.CLASSIFIERS``
+``--weights none``, and ``xfeat.learn.evaluation`` runs every classifier of ``xfeat.learn.classifiers.CLASSIFIERS``
 leave-one-module-out, exactly as ``xfeat evaluate CACHE --clf ... --class-weight balanced --jobs 2`` would.
 
 Choices: method m1, because it leaves 8-bit images unchanged (``convert.naive`` returns a copy of uint8 input;
@@ -52,11 +52,11 @@ import cv2
 from joblib import Parallel, delayed
 
 from precision import MODULES_CSV, load_elpv  # this folder: run as python benchmarks/elpv.py
-from xfeat.classify import CLASSIFIERS
-from xfeat.cli.common import size_arg
-from xfeat.cli.evaluate import classifier_params
-from xfeat.evaluate import Configuration, ConfigurationResult, configurations, evaluate_configuration
-from xfeat.extract import ExtractConfig, extract
+from xfeat.learn.classifiers import CLASSIFIERS
+from xfeat_cli.common import size_arg
+from xfeat_cli.evaluate import classifier_params
+from xfeat.learn.evaluation import Configuration, ConfigurationResult, configurations, evaluate_configuration
+from xfeat.features.extract import ExtractConfig, extract
 from xfeat.report import write_results
 
 BACKBONE, METHOD = "efficientnet_lite0", "m1"
@@ -95,7 +95,7 @@ def extract_features(manifest: Path, workdir: Path, size: tuple[int, int], flips
 
 def evaluate_all(caches: dict[str, Path], configs: list[Configuration], params: dict, jobs: int
                  ) -> dict[str, list[ConfigurationResult]]:
-    """What ``xfeat.evaluate.evaluate`` does, over both caches in one pool: the two fc runs, ~90 % of the
+    """What ``xfeat.learn.evaluation.evaluate`` does, over both caches in one pool: the two fc runs, ~90 % of the
     work, go side by side instead of one after the other (longest first)."""
     tasks = sorted([(w, c) for c in configs for w in WEIGHTS], key=lambda task: task[1].clf != "fc")
     results = Parallel(n_jobs=jobs)(delayed(evaluate_configuration)(caches[w], c, params.get(c.clf))

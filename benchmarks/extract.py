@@ -23,12 +23,12 @@ import cv2
 import numpy as np
 import torch
 
-from xfeat.backbones import build_extractor
-from xfeat.convert import convert
-from xfeat.data import find_images
-from xfeat.extract import ExtractConfig, extract
-from xfeat.images import read_image
-from xfeat.scan import scan_dataset
+from xfeat.features.extractor import build_extractor
+from xfeat.convert.methods import convert
+from xfeat.io.dataset import find_images
+from xfeat.features.extract import ExtractConfig, extract
+from xfeat.io.images import read_image
+from xfeat.convert.scan import scan_dataset
 from xfeat.synth import make_dataset
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xfeat.cache import CacheWriter, GroupSettings, Rows
-from xfeat.evaluate import PAPER, configurations, evaluate
+from xfeat.features.cache import CacheWriter, GroupSettings, Rows
+from xfeat.learn.evaluation import PAPER, configurations, evaluate
 from xfeat.synth import plan_dataset
 
 N_IMAGES, N_BUNDLES, N_ABNORMAL, FLIPS, DIM = 714, 12, 152, 4, 512

@@ -46,12 +46,12 @@ from sklearn.model_selection import LeaveOneGroupOut
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from xfeat.backbones import build_extractor
-from xfeat.convert import convert
-from xfeat.data import find_images
-from xfeat.images import read_image
-from xfeat.inference import prepare_model, runner
-from xfeat.scan import scan_dataset
+from xfeat.features.extractor import build_extractor
+from xfeat.convert.methods import convert
+from xfeat.io.dataset import find_images
+from xfeat.io.images import read_image
+from xfeat.features.inference import prepare_model, runner
+from xfeat.convert.scan import scan_dataset
 from xfeat.synth import make_dataset
 
 Run = Callable[[torch.Tensor], torch.Tensor]

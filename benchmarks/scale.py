@@ -37,10 +37,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from xfeat.cache import CacheWriter, GroupSettings, Rows
-from xfeat.distributed import shard_of
-from xfeat.evaluate import configurations, evaluate
-from xfeat.images import file_sha256
+from xfeat.features.cache import CacheWriter, GroupSettings, Rows
+from xfeat.scale.dask import dask_executor
+from xfeat.scale.torchrun import shard_of
+from xfeat.learn.evaluation import configurations, evaluate
+from xfeat.io.hashing import file_sha256
 from xfeat.synth import make_dataset
 
 
@@ -124,7 +125,8 @@ def evaluation_rows(tmp: Path, args, rows: list) -> tuple[bool, list]:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         startup = time.perf_counter() - start
         for when in ("cold", "warm"):
-            dask, dask_results = timed_evaluate(cache, configs, params, scheduler=cluster.scheduler_address)
+            with dask_executor(cluster.scheduler_address) as executor:
+                dask, dask_results = timed_evaluate(cache, configs, params, executor=executor)
             rows.append(("evaluate", f"Dask LocalCluster, 2 workers x 1 thread ({when})", dask, dask,
                          os.getloadavg()[0]))
             print(f"  evaluate Dask ({when}): {dask:.1f} s", flush=True)

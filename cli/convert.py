@@ -7,14 +7,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from xfeat.cli.common import add_common, progress_bar, say
-from xfeat.convert import METHODS, NEEDS_STATS, check_method
-from xfeat.data import find_images
+from xfeat_cli.common import add_common, progress_bar, say
+from xfeat.convert.methods import METHODS, NEEDS_STATS, check_method
+from xfeat.io.dataset import find_images
 from xfeat.errors import XfeatError
-from xfeat.export import preview_panel, write_converted, write_png, write_skipped_report
-from xfeat.images import read_image
-from xfeat.scan import scan_dataset
-from xfeat.stats import WindowStats, pixel_histogram, window_stats
+from xfeat.convert.export import preview_panel, write_converted, write_png, write_skipped_report
+from xfeat.io.images import read_image
+from xfeat.convert.scan import scan_dataset
+from xfeat.convert.stats import WindowStats, pixel_histogram, window_stats
 
 STATS_FILE = "stats.json"
 SKIPPED_FILE = "skipped.csv"

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from xfeat.cli.common import add_common, names_arg, say
+from xfeat_cli.common import add_common, names_arg, say
 from xfeat.errors import XfeatError
 
 
@@ -65,8 +65,9 @@ def classifier_params(args: argparse.Namespace, classifiers, params: dict | None
 
 
 def run(args: argparse.Namespace) -> int:
-    from xfeat.evaluate import PAPER, configurations, evaluate
-    from xfeat.features import list_groups
+    from xfeat.learn.evaluation import PAPER, configurations, evaluate
+    from xfeat.scale.dask import dask_executor
+    from xfeat.features.reading import list_groups
     from xfeat.report import format_tables, write_results
 
     start = time.perf_counter()
@@ -87,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(classifiers) or '(none)'}; the cache holds {held}")
     if args.jobs is not None and args.jobs < 0:
         raise XfeatError("--jobs must be a positive number of processes")
-    results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1, scheduler=args.scheduler)
+    if args.scheduler:
+        with dask_executor(args.scheduler) as executor:
+            results = evaluate(args.cache, configs, params=params, executor=executor)
+    else:
+        results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1)
     if args.json:  # stdout is for the script reading the JSON; the tables go to the person
         if not args.quiet:
             say(format_tables(results))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from xfeat.cli.common import add_common, names_arg, progress_bar, say, size_arg
-from xfeat.convert import METHODS
-from xfeat.stats import WindowStats
+from xfeat_cli.common import add_common, names_arg, progress_bar, say, size_arg
+from xfeat.convert.methods import METHODS
+from xfeat.convert.stats import WindowStats
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as xfeat.inference; not imported so --help stays fast
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as xfeat.features.inference; not imported so --help stays fast
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,8 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="dataset folder ROOT/<bundle>/<label>/<image> or CSV manifest")
     p.add_argument("--cache", required=True, help="HDF5 feature cache to create or extend")
     p.add_argument("--backbone", type=names_arg, default=("resnet34",),
-                   help="comma-separated backbones: resnet34, resnet50, efficientnet_lite0, or any torchvision "
-                        "classification model (default resnet34)")
+                   help="comma-separated backbones: resnet34, resnet50, efficientnet_lite0, any torchvision "
+                        "classification model, or timm/NAME for any timm model (default resnet34)")
     p.add_argument("--methods", type=names_arg, default=("m1", "m2", "m3", "m4"),
                    help=f"comma-separated conversion methods from {', '.join(METHODS)} (default m1,m2,m3,m4)")
     p.add_argument("--size", type=size_arg, default=(2000, 1000), metavar="HxW",
@@ -42,8 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xfeat.distributed import extract_distributed, torchrun_world  # imports torch: only when extracting
-    from xfeat.extract import ExtractConfig, extract
+    from xfeat.scale.torchrun import extract_distributed, torchrun_world  # imports torch: only when extracting
+    from xfeat.features.extract import ExtractConfig, extract
 
     config = ExtractConfig(backbones=args.backbone, methods=args.methods, size=args.size, flips=args.flips,
                            weights=args.weights, device=args.device, precision=args.precision,

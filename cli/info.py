@@ -7,10 +7,10 @@ import json
 from collections import defaultdict
 from dataclasses import asdict
 
-from xfeat.cli.common import add_common
-from xfeat.data import find_images
-from xfeat.features import describe_cache
-from xfeat.scan import scan_dataset
+from xfeat_cli.common import add_common
+from xfeat.io.dataset import find_images
+from xfeat.features.reading import describe_cache
+from xfeat.convert.scan import scan_dataset
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from xfeat import __version__
 from xfeat.errors import XfeatError, XfeatWarning
-from xfeat.cli import convert, evaluate, extract, info, predict, synth, train
+from xfeat_cli import convert, evaluate, extract, info, predict, synth, train
 
 COMMANDS = (synth, convert, extract, info, evaluate, train, predict)
 

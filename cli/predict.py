@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from xfeat.cli.common import add_common, check_writable, progress_bar, say
+from xfeat_cli.common import add_common, check_writable, progress_bar, say
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xfeat.errors import XfeatError
-    from xfeat.model import load_model
-    from xfeat.predict import gather_inputs, predict, write_predictions
+    from xfeat.screening.model import load_model
+    from xfeat.screening.predict import gather_inputs, predict, write_predictions
 
     model = load_model(args.model)
     check_writable(args.out)

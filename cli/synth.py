@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from xfeat.cli.common import add_common, progress_bar, say, size_arg
+from xfeat_cli.common import add_common, progress_bar, say, size_arg
 from xfeat.synth import make_dataset
 
 

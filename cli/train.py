@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from xfeat.cli.common import add_common, check_writable, names_arg, say
-from xfeat.cli.evaluate import add_classifier_options, classifier_params, default_backbone
+from xfeat_cli.common import add_common, check_writable, names_arg, say
+from xfeat_cli.evaluate import add_classifier_options, classifier_params, default_backbone
 from xfeat.errors import XfeatError
 
 
@@ -40,9 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xfeat.evaluate import configurations
-    from xfeat.features import list_groups
-    from xfeat.model import bundle_weights, cross_validate, fit_model, save_model, screening_of, weights_path_for
+    from xfeat.learn.evaluation import configurations
+    from xfeat.features.reading import list_groups
+    from xfeat.screening.model import bundle_weights, cross_validate, fit_model, save_model, screening_of, weights_path_for
     from xfeat.report import format_tables, screening_text, write_results
 
     start = time.perf_counter()

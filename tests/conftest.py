@@ -50,7 +50,7 @@ def small_dataset(tmp_path: Path) -> Path:
 def write_feature_cache(path: Path, X: np.ndarray, y, bundles, *, backbone="toy", method="m2", fc=None,
                         weights_kind="none") -> Path:
     """A real cache holding given features ([N, F, D]), written through the same writer xfeat extract uses."""
-    from xfeat.cache import CacheWriter, GroupSettings, Rows
+    from xfeat.features.cache import CacheWriter, GroupSettings, Rows
 
     n, flips, dim = X.shape
     settings = GroupSettings(backbone=backbone, method=method, input_height=8, input_width=8,

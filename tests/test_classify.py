@@ -19,10 +19,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from xfeat.classify import (CLASSIFIERS, FCHead, KNNNormal, LinearSVM, LogReg, Mahalanobis, abnormal_score,
+from xfeat.learn.classifiers import (CLASSIFIERS, FCHead, KNNNormal, LinearSVM, LogReg, Mahalanobis, abnormal_score,
                             balanced_threshold, make_classifier)
 from xfeat.errors import XfeatError
-from xfeat.heads import HeadConfig, class_weights, epoch_plan, forward, init_head, train_heads
+from xfeat.learn.fc_training import HeadConfig, class_weights, epoch_plan, forward, init_head, train_heads
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 
 import xfeat
-from xfeat.cli.main import main
-from xfeat.convert import METHODS
+from xfeat_cli.main import main
+from xfeat.convert.methods import METHODS
 
 
 def xfeat_cli(*args, check=True) -> subprocess.CompletedProcess:

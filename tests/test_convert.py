@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from xfeat.convert import METHODS, clahe, convert, equalize, global_window, local_window, mix, naive, to_rgb
+from xfeat.convert.methods import METHODS, clahe, convert, equalize, global_window, local_window, mix, naive, to_rgb
 from xfeat.errors import XfeatError
-from xfeat.stats import equalize_thresholds, pixel_histogram, window_stats
+from xfeat.convert.stats import equalize_thresholds, pixel_histogram, window_stats
 
 LO, HI = 1700, 28000
 

@@ -11,9 +11,9 @@ from sklearn.base import clone
 
 from conftest import write_feature_cache
 from xfeat import load_features
-from xfeat.classify import FCHead, abnormal_score, make_classifier
-from xfeat.cli.main import main
-from xfeat.evaluate import Configuration, configurations, evaluate, leave_one_bundle_out
+from xfeat.learn.classifiers import FCHead, abnormal_score, make_classifier
+from xfeat_cli.main import main
+from xfeat.learn.evaluation import Configuration, configurations, evaluate, leave_one_bundle_out
 from xfeat.errors import XfeatError
 
 FAST_FC = {"epochs": 3, "batch_size": 16}

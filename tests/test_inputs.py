@@ -11,10 +11,10 @@ import pytest
 import tifffile
 
 from conftest import random_image
-from xfeat.cli.main import main
-from xfeat.data import find_images
+from xfeat_cli.main import main
+from xfeat.io.dataset import find_images
 from xfeat.errors import DataError, XfeatWarning
-from xfeat.images import read_image
+from xfeat.io.images import read_image
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -184,7 +184,7 @@ def test_same_image_in_two_bundles_warns_naming_both(tmp_path, small_dataset, ca
 
 
 def test_leak_warning_from_the_library(small_dataset):
-    from xfeat.data import warn_leaks
+    from xfeat.io.dataset import warn_leaks
     dataset = find_images(small_dataset)
     with pytest.warns(XfeatWarning, match="bundles B1 and B2"):
         warn_leaks(dataset.records[:2] + dataset.records[4:5], ["a", "b", "a"])

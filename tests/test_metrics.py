@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from xfeat.metrics import Counts, auroc, bundle_bootstrap
+from xfeat.learn.metrics import Counts, auroc, bundle_bootstrap
 
 
 def test_counts_and_balanced_accuracy_on_a_hand_made_fold():

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from conftest import write_dataset
-from xfeat.cli.main import main
-from xfeat.evaluate import Configuration, evaluate_configuration
-from xfeat.extract import ExtractConfig, extract
-from xfeat.model import load_model
-from xfeat.modelfile import read_model_file
-from xfeat.predict import gather_inputs, predict
-from xfeat.screening import recall_threshold, screening_outcome
+from xfeat_cli.main import main
+from xfeat.learn.evaluation import Configuration, evaluate_configuration
+from xfeat.features.extract import ExtractConfig, extract
+from xfeat.screening.model import load_model
+from xfeat.screening.model_file import read_model_file
+from xfeat.screening.predict import gather_inputs, predict
+from xfeat.screening.threshold import recall_threshold, screening_outcome
 
 LAYOUT = {f"B{k}": {"normal": 4, "abnormal": 2} for k in range(1, 5)}
-# Extraction at its default batch size: what predict reproduces (see xfeat.predict).
+# Extraction at its default batch size: what predict reproduces (see xfeat.screening.predict).
 CONFIG = ExtractConfig(backbones=("resnet18",), methods=("m2",), size=(64, 32), flips=4, weights="none",
                        device="cpu", workers=0, jobs=1)
 
@@ -124,7 +124,7 @@ def test_damaged_or_future_model_files_are_refused(tmp_path, extracted, capsys, 
     elif damage == "truncate":
         model.write_bytes(bytes(raw[: len(raw) - 100]))
     else:
-        import xfeat.modelfile as modelfile
+        import xfeat.screening.model_file as modelfile
 
         content = read_model_file(model)
         meta = {k: v for k, v in content.metadata.items() if k not in modelfile.RESERVED_KEYS}
@@ -176,7 +176,7 @@ def test_bad_files_get_a_row_and_a_nonzero_exit(tmp_path, extracted, capsys):
 
 
 def test_bundled_weights_make_a_self_contained_model(tmp_path):
-    from xfeat.backbones import build_extractor
+    from xfeat.features.extractor import build_extractor
 
     weights = tmp_path / "resnet18-mine.pth"
     with torch.random.fork_rng(devices=[]):

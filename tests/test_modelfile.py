@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from xfeat import __version__
-from xfeat.classify import CLASSIFIERS, make_classifier
+from xfeat.learn.classifiers import CLASSIFIERS, make_classifier
 from xfeat.errors import DataError
-from xfeat.estimator_state import estimator_from_state, estimator_state
-from xfeat.modelfile import FORMAT_VERSION, ModelFile, read_model_file, write_model_file
+from xfeat.screening.estimator_state import estimator_from_state, estimator_state
+from xfeat.screening.model_file import FORMAT_VERSION, ModelFile, read_model_file, write_model_file
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

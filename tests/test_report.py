@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from xfeat.cache import GroupSettings
-from xfeat.evaluate import Configuration, ConfigurationResult
-from xfeat.features import FeatureSet
-from xfeat.metrics import Counts, auroc
+from xfeat.features.cache import GroupSettings
+from xfeat.learn.evaluation import Configuration, ConfigurationResult
+from xfeat.features.reading import FeatureSet
+from xfeat.learn.metrics import Counts, auroc
 from xfeat.report import BANNER, format_table, format_tables, write_results
 
 # Per method, per bundle: (tp, fp, tn, fn). Bundle C holds normal images only.

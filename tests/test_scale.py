@@ -19,12 +19,13 @@ import tifffile
 import torch
 
 from conftest import random_image, write_dataset, write_feature_cache
-from xfeat.cli.main import main
-from xfeat.distributed import TorchrunWorld, rank_cache_path, rank_device, shard_of, torchrun_world
+from xfeat_cli.main import main
+from xfeat.scale.torchrun import TorchrunWorld, rank_cache_path, rank_device, shard_of, torchrun_world
 from xfeat.errors import XfeatError
-from xfeat.evaluate import configurations, evaluate
-from xfeat.extract import ExtractConfig, extract
-from xfeat.images import file_sha256
+from xfeat.learn.evaluation import configurations, evaluate
+from xfeat.scale.dask import dask_executor
+from xfeat.features.extract import ExtractConfig, extract
+from xfeat.io.hashing import file_sha256
 
 SMALL = ExtractConfig(backbones=("resnet18",), methods=("m1", "m2"), size=(64, 32), flips=4, weights="none",
                       device="cpu", workers=0, jobs=1, batch_size=3)
@@ -198,7 +199,8 @@ def test_dask_results_equal_the_local_ones(toy_cache, dask_scheduler):
     configs = configurations(["toy"], ["m2"], ["fc", "svm", "logreg", "knn", "mahalanobis"])
     params = {"fc": FAST_FC}
     local = evaluate(toy_cache, configs, params=params, jobs=1)
-    remote = evaluate(toy_cache, configs, params=params, scheduler=dask_scheduler)
+    with dask_executor(dask_scheduler) as executor:
+        remote = evaluate(toy_cache, configs, params=params, executor=executor)
     assert [r.config for r in remote] == configs
     for a, b in zip(local, remote):
         np.testing.assert_array_equal(a.scores, b.scores)  # bitwise
@@ -225,6 +227,6 @@ def test_dask_errors_are_one_line(toy_cache, monkeypatch, capsys):
     assert re.fullmatch(r"xfeat: error: cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9: .*\n",
                         capsys.readouterr().err)
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if Dask were not installed
-    configs = configurations(["toy"], ["m2"], ["logreg"])
     with pytest.raises(XfeatError, match=r'^--scheduler needs Dask: pip install "xfeat\[dask\]"$'):
-        evaluate(toy_cache, configs, scheduler="tcp://127.0.0.1:9")
+        with dask_executor("tcp://127.0.0.1:9"):
+            pass

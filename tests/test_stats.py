@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from xfeat.errors import DataError
-from xfeat.stats import (PERCENTILE_METHODS, WindowStats, equalize_thresholds, histogram_percentile,
+from xfeat.convert.stats import (PERCENTILE_METHODS, WindowStats, equalize_thresholds, histogram_percentile,
                          pixel_histogram, round_to_multiple, window_stats)
 
 PERCENTILES = [0, 0.01, 0.5, 1, 25, 50, 73.3, 99, 99.99, 100]

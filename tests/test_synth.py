@@ -1,4 +1,4 @@
-"""Tests for xfeat.synth: layout, counts, determinism, refusals, intensities, anomalies."""
+"""Tests for xfeat.synth: layout, counts, determinism, atomic writes, refusals, intensities, anomalies."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def test_layout_and_manifest(tmp_path: Path) -> None:
     paths = [r["path"] for r in rows]
     assert paths == sorted(paths)
     assert set(paths) == tif_files(out)  # every file listed, nothing extra
-    assert not list(out.rglob("*.part"))  # no temporary files left behind
+    all_files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert all_files == tif_files(out) | {"manifest.csv"}  # no temporary files left behind
     for r in rows:
         m = re.fullmatch(r"(B0[1-3])/(normal|abnormal)/(B0[1-3])_(\d{4})\.tif", r["path"])
         assert m, r["path"]
@@ -164,6 +165,18 @@ def test_file_number_redraws_the_file(tmp_path: Path) -> None:
         number = int(p.path.rsplit("_", 1)[1][:-4])
         expected = render_electrode((4, number), 80, 48, styles[p.bundle], p.anomaly or None)
         assert np.array_equal(tifffile.imread(tmp_path / "d" / p.path), expected), p.path
+
+
+def test_failed_write_leaves_no_image_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while writing an image leaves neither a truncated .tif nor a hidden .NAME.xxxxxxxx.tmp."""
+    def write_half_then_fail(fh, image, **kwargs) -> None:
+        fh.write(b"II*\x00" + bytes(100))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tifffile, "imwrite", write_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset(tmp_path / "d", bundles=1, images=2, size=SMALL, jobs=1)
+    assert not [p for p in (tmp_path / "d").rglob("*") if p.is_file()]
 
 
 def test_render_is_pure() -> None:

@@ -2,6 +2,6 @@
 
 import sys
 
-from xfeat.cli.main import main
+from xfeat_cli.main import main
 
 sys.exit(main())

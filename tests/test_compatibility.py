@@ -1,0 +1,45 @@
+"""Files written by an earlier release still open and give the same numbers.
+
+``fixtures/release-0.1.0.zip`` holds a feature cache and a screening model written by xfeat 0.1.0 (the flat-module
+release; ``fixtures/make_release_fixtures.py`` made them) and what that release read back from them.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xfeat import load_features
+from xfeat.screening import load_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "release-0.1.0.zip"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("release-0.1.0")
+    with zipfile.ZipFile(FIXTURE) as z:
+        z.extractall(folder)
+    return folder
+
+
+def test_a_cache_written_by_0_1_0_reads_the_same(release):
+    expected = json.loads((release / "expected.json").read_text())
+    fs = load_features(release / "cache.h5", backbone="resnet18", method="m2", flips="all")
+    assert [Path(p).name for p in fs.paths] == expected["paths"]
+    assert fs.y.tolist() == expected["labels"] and fs.groups.tolist() == expected["bundles"]
+    assert list(fs.X.shape) == expected["shape"]
+    assert float(np.float64(fs.X).sum()) == expected["X_sum"]
+    assert fs.X[0, 0, :8].tolist() == expected["first_row"]
+
+
+def test_a_model_written_by_0_1_0_scores_the_same(release):
+    expected = json.loads((release / "expected.json").read_text())
+    fs = load_features(release / "cache.h5", backbone="resnet18", method="m2")
+    model = load_model(release / "model.xfeat")
+    assert model.threshold == expected["threshold"]
+    np.testing.assert_array_equal(model.scores(fs.X), expected["scores"])

@@ -1,0 +1,341 @@
+"""The batch extractor: decode and convert in worker processes, batched inference, results into the cache.
+
+Each image is read and decoded once per run for all methods and backbones; each (image, method, backbone,
+flip) is computed once ever: what the cache already holds with the same file content is skipped, and an
+interrupted run resumes where it stopped. Batches are always padded to the same size, so an image's
+features do not depend on which other images shared its batch (bitwise-equal results after a resume).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from xfeat.features.extractor import build_extractor
+from xfeat.features.cache import FLIPS, CacheWriter, GroupSettings, Rows
+from xfeat.convert.methods import NEEDS_STATS, check_method, convert
+from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
+from xfeat.errors import DataError, XfeatError
+from xfeat.io.images import load_image
+from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
+from xfeat.convert.scan import Scan, scan_dataset
+from xfeat.convert.stats import WindowStats
+
+RESIZE = "cv2.INTER_AREA"
+PIXEL_BUDGET = 4_000_000  # input pixels per forward pass: larger batches only add memory traffic on a CPU
+COMMIT_EVERY_S = 300.0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to compute: backbones x methods at one input size, with 1, 2 or 4 flip variants."""
+
+    backbones: tuple[str, ...] = ("resnet34",)
+    methods: tuple[str, ...] = ("m1", "m2", "m3", "m4")
+    size: tuple[int, int] = (2000, 1000)
+    flips: int = 4
+    weights: str = "imagenet"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None  # images per forward pass (each gives `flips` samples)
+    workers: int | None = None  # decoding processes; 0 decodes in this process
+    jobs: int | None = None  # processes for the statistics pass
+    stats: WindowStats | None = None
+
+    def validate(self) -> None:
+        if not self.backbones or not self.methods:
+            raise XfeatError("give at least one backbone and one method")
+        for method in self.methods:
+            check_method(method)
+        if self.flips not in (1, 2, 4):
+            raise XfeatError(f"--flips must be 1, 2 or 4, not {self.flips}")
+        if min(self.size) < 16:
+            raise XfeatError(f"input size {self.size[0]}x{self.size[1]} is too small (at least 16x16)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise XfeatError("--batch-size must be at least 1")
+        if (self.workers is not None and self.workers < 0) or (self.jobs is not None and self.jobs < 0):
+            raise XfeatError("--workers and --jobs must be 0 or more")
+
+    @property
+    def flip_names(self) -> tuple[str, ...]:
+        return FLIPS[: self.flips]
+
+    def images_per_batch(self) -> int:
+        if self.batch_size:
+            return self.batch_size
+        return max(1, min(64, PIXEL_BUDGET // (self.size[0] * self.size[1] * self.flips)))
+
+
+@dataclass
+class ExtractSummary:
+    computed: int = 0  # images whose features were computed in this run
+    cached: int = 0  # images already in the cache for every group
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+    cache_bytes: int = 0
+    groups: list[str] = field(default_factory=list)
+    device: str = ""
+    precision: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Work:
+    """One image to decode, and the methods to convert it with."""
+
+    record: ImageRecord
+    methods: tuple[str, ...]
+
+
+class _ConvertedImages(TorchDataset):
+    """Reads one image and gives its conversions for the needed methods, resized: runs in loader workers."""
+
+    def __init__(self, work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None) -> None:
+        self.work, self.size, self.stats = work, size, stats
+        self._payload: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getstate__(self) -> dict:
+        """What a spawned worker receives: the path of a file holding the work, not the work itself.
+
+        multiprocessing writes a new process's arguments into a pipe while it still holds the pipe's read end
+        itself, so a worker that dies before reading more than the pipe's 64 KB would block the extraction
+        forever. A path is ~100 bytes; a dead worker then surfaces as DataLoader's "worker exited unexpectedly".
+        """
+        if self._payload is None:
+            fd, self._payload = tempfile.mkstemp(prefix="xfeat-work-", suffix=".pickle")
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump((self.work, self.stats), f, protocol=pickle.HIGHEST_PROTOCOL)
+            weakref.finalize(self, os.unlink, self._payload)
+        return {"size": self.size, "payload": self._payload}
+
+    def __setstate__(self, state: dict) -> None:
+        with open(state["payload"], "rb") as f:
+            self.work, self.stats = pickle.load(f)
+        self.size, self._payload = state["size"], None
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.work[i]
+        try:
+            image = load_image(item.record.path)
+            pixels = {m: _to_input(convert(image.pixels, m, self.stats), self.size) for m in item.methods}
+        except XfeatError as e:
+            problem = e.problem if isinstance(e, DataError) else str(e)
+            return {"index": i, "problem": problem}
+        h, w = image.pixels.shape
+        return {"index": i, "problem": "", "sha256": image.sha256, "height": h, "width": w, "pixels": pixels}
+
+
+def _to_input(converted: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (H, W) and lay out as [C, H, W] uint8 (C = 1 for gray methods, 3 for m4)."""
+    height, width = size
+    resized = cv2.resize(converted, (width, height), interpolation=cv2.INTER_AREA)
+    return resized[None] if resized.ndim == 2 else np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items  # stacking happens per method in the main process, where it knows which images need what
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the cores belong to inference; decoding is light
+    cv2.setNumThreads(1)
+
+
+def _flip_variants(x: torch.Tensor, flips: Sequence[str]) -> torch.Tensor:
+    """[k, C, H, W] -> [k * F, C, H, W], image-major: each image's flip variants side by side."""
+    variants = {"none": x, "h": x.flip(3), "v": x.flip(2), "hv": x.flip(2, 3)}
+    return torch.stack([variants[f] for f in flips], dim=1).flatten(0, 1)
+
+
+def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str], config: ExtractConfig, *,
+            skip_bad: bool = False, progress: Callable[[int], None] | None = None,
+            on_plan: Callable[[int, int], None] | None = None) -> ExtractSummary:
+    """Compute the missing features of ``data`` into ``cache``; see the module docstring.
+
+    ``on_plan(to_compute, already_cached)`` is called once the work is known (for a progress bar);
+    ``progress(n)`` after each batch with the number of images finished.
+    """
+    start = time.perf_counter()
+    config.validate()
+    dataset = data if isinstance(data, Dataset) else find_images(data, skip_bad=skip_bad)
+    device = select_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    extractors = {name: build_extractor(name, config.weights) for name in config.backbones}
+    summary = ExtractSummary(device=str(device), precision=precision)
+
+    with CacheWriter(cache) as writer:
+        plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad)
+        summary.skipped = list(plan.scan.skipped)
+        summary.cached = len(plan.scan.records) - len(plan.work)
+        summary.groups = [g.key for g in plan.groups.values()]
+        if on_plan:
+            on_plan(len(plan.work), summary.cached)
+        if plan.work:
+            models = {b: runner(prepare_model(e, device), device, precision) for b, e in extractors.items()}
+            summary.computed = _compute(plan.work, plan.groups, models, writer, config, plan.stats, device,
+                                        skip_bad, summary.skipped, progress)
+    summary.seconds = time.perf_counter() - start
+    summary.cache_bytes = Path(cache).stat().st_size
+    return summary
+
+
+@dataclass
+class Plan:
+    """What a run does, decided once against the cache (torchrun runs decide it on rank 0 and share it)."""
+
+    scan: Scan
+    stats: WindowStats | None  # the global window every conversion of this run uses
+    groups: dict[tuple[str, str], GroupSettings]
+    work: list[Work]  # in dataset order: the order rows are appended to the cache
+
+
+def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig, extractors: dict,
+                    precision: str, skip_bad: bool) -> Plan:
+    """Hash (and for new statistics decode) every image, settle the window statistics, create the groups
+    (refusing settings that differ from the cache's) and list what the cache lacks."""
+    needs_stats = any(m in NEEDS_STATS for m in config.methods)
+    stats = config.stats or writer.window_stats()
+    # Decoding every image before extraction is only worth it for statistics nobody has yet.
+    scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None)
+    warn_leaks(scan.records, [s.sha256 for s in scan.images])
+    if needs_stats and stats is None:
+        stats = scan.window_stats()
+    groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
+              for b in config.backbones for m in config.methods}
+    writer.prepare(list(groups.values()),
+                   {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
+                   stats if needs_stats else None)
+    work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
+    return Plan(scan, stats, groups, work)
+
+
+def _settings(extractor, backbone: str, method: str, config: ExtractConfig, precision: str,
+              stats: WindowStats | None) -> GroupSettings:
+    return GroupSettings(
+        backbone=backbone, method=method, input_height=config.size[0], input_width=config.size[1],
+        flips=",".join(config.flip_names), feature_dim=int(extractor.feature_dim),
+        weights_kind=extractor.weights.kind, weights_name=extractor.weights.name,
+        weights_sha256=extractor.weights.sha256, mean=tuple(extractor.mean), std=tuple(extractor.std),
+        resize=RESIZE, precision=precision, g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1)
+
+
+def _plan(writer: CacheWriter, groups: dict[tuple[str, str], GroupSettings], records: Sequence[ImageRecord],
+          hashes: Sequence[str]) -> list[Work]:
+    """Which images need which methods; labels or bundles changed for cached images are updated in place."""
+    missing: dict[int, set[str]] = {}
+    for (_, method), settings in groups.items():
+        cached = writer.cached_images(settings.key)
+        relabelled = []
+        for i, (record, sha) in enumerate(zip(records, hashes)):
+            held = cached.get(str(record.path))
+            if held is None or held[0] != sha:
+                missing.setdefault(i, set()).add(method)
+            elif held[1:] != (record.relpath, record.bundle, record.label):
+                relabelled.append(record)
+        if relabelled:
+            writer.add({settings.key: Rows(None, [str(r.path) for r in relabelled], [r.relpath for r in relabelled],
+                                           [r.bundle for r in relabelled], [r.label for r in relabelled])})
+    methods_in_order = list(dict.fromkeys(m for _, m in groups))
+    return [Work(records[i], tuple(m for m in methods_in_order if m in methods))
+            for i, methods in sorted(missing.items())]
+
+
+def _rows(features: np.ndarray, records: Sequence[ImageRecord], items: Sequence[dict]) -> Rows:
+    return Rows(features=features, path=[str(r.path) for r in records], relpath=[r.relpath for r in records],
+                bundle=[r.bundle for r in records], label=[r.label for r in records],
+                sha256=[it["sha256"] for it in items], height=[it["height"] for it in items],
+                width=[it["width"] for it in items])
+
+
+def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, per_batch: int,
+                  workers: int | None, device: torch.device) -> Iterator[list[dict]]:
+    """Batches of decoded, converted, resized images (lists of dicts: ``index`` into ``work``, ``problem``
+    ("" when fine), ``sha256``, ``height``, ``width``, ``pixels`` {method: [C, H, W] uint8}), decoded in
+    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference.
+
+    A worker process that dies (killed, out of memory) ends the iteration with a one-line XfeatError; what
+    the caller has committed stays committed."""
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    loader = DataLoader(_ConvertedImages(work, size, stats), batch_size=per_batch, shuffle=False,
+                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
+                        # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
+                        multiprocessing_context="spawn" if workers else None)
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "exited unexpectedly" not in str(e):
+                raise
+            raise XfeatError(f"an image-decoding worker process died ({e}); run the command again to resume, "
+                             f"or use --workers 0 to decode in this process") from e
+        yield batch
+
+
+def _compute(work: list[Work], groups, models, writer: CacheWriter, config: ExtractConfig,
+             stats: WindowStats | None, device: torch.device, skip_bad: bool, skipped: list,
+             progress: Callable[[int], None] | None) -> int:
+    per_batch = config.images_per_batch()
+    loader = image_batches(work, config.size, stats, per_batch, config.workers, device)
+    computed = 0
+    last_commit = time.monotonic()
+    for batch in loader:
+        good = []
+        for item in batch:
+            if item["problem"]:
+                record = work[item["index"]].record
+                if not skip_bad:
+                    raise DataError(record.path, item["problem"])
+                skipped.append(Skipped(str(record.path), item["problem"]))
+            else:
+                good.append(item)
+        rows_by_key = {}
+        for (backbone, method), settings in groups.items():
+            items = [it for it in good if method in work[it["index"]].methods]
+            if not items:
+                continue
+            x = torch.from_numpy(np.stack([it["pixels"][method] for it in items]))
+            features = batch_features(models[backbone], x, config.flip_names, per_batch * len(config.flip_names))
+            rows_by_key[settings.key] = _rows(features, [work[it["index"]].record for it in items], items)
+        if rows_by_key:
+            writer.add(rows_by_key)
+        computed += len(good)
+        if progress:
+            progress(len(batch))
+        if time.monotonic() - last_commit > COMMIT_EVERY_S:
+            writer.commit()
+            last_commit = time.monotonic()
+    return computed
+
+
+def batch_features(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[str],
+                   forward_batch: int) -> np.ndarray:
+    """[k, C, H, W] uint8 -> [k, F, D] float32. The forward pass always holds ``forward_batch`` inputs
+    (k x F flip variants, then zero padding): a CPU convolution's rounding can depend on the batch size, and
+    an image's features must not depend on how many images shared its batch."""
+    k = x.shape[0]
+    variants = _flip_variants(x, flips)
+    if len(variants) < forward_batch:
+        variants = torch.cat([variants, variants.new_zeros((forward_batch - len(variants), *x.shape[1:]))])
+    features = run(variants)
+    return features[: k * len(flips)].reshape(k, len(flips), -1).numpy()

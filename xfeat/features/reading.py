@@ -1,0 +1,196 @@
+"""Read cached features for analysis: ``load_features`` gives arrays ready for scikit-learn."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from xfeat.features.cache import FLIPS, CacheError, GroupSettings, open_cache, stored_window_stats
+from xfeat.errors import XfeatWarning
+from xfeat.convert.stats import WindowStats
+
+LAYERS = ("pool", "fc1000")
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of one (backbone, method, input size) group, row-aligned with their images.
+
+    ``X`` is [N, D] for one flip variant, [N, F, D] with ``flips="all"``; ``y`` is 1 for abnormal;
+    ``groups`` holds the bundles (the groups of leave-one-bundle-out).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    paths: np.ndarray
+    sha256: np.ndarray
+    layer: str
+    flips: tuple[str, ...]
+    settings: GroupSettings
+    fc_weight: np.ndarray
+    fc_bias: np.ndarray
+    window_stats: WindowStats | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the backbone had random weights (``--weights none``): results mean little."""
+        return self.settings.weights_kind == "none"
+
+    def select(self, rows: np.ndarray) -> FeatureSet:
+        """The same features for some rows only (a boolean mask or indices)."""
+        return replace(self, X=self.X[rows], y=self.y[rows], groups=self.groups[rows], paths=self.paths[rows],
+                       sha256=self.sha256[rows])
+
+    def to_frame(self):
+        """A pandas DataFrame: path, bundle, label and one column per feature (first flip variant)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("FeatureSet.to_frame needs pandas: pip install pandas") from None
+        X = self.X if self.X.ndim == 2 else self.X[:, 0]
+        frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+        frame.insert(0, "label", self.y)
+        frame.insert(0, "bundle", self.groups)
+        frame.insert(0, "path", self.paths)
+        return frame
+
+
+def fc1000(pool: np.ndarray, fc_weight: np.ndarray, fc_bias: np.ndarray) -> np.ndarray:
+    """The ImageNet logits layer from pooled features: what the ResNet-50 paper used as features.
+
+    On one BLAS thread: OpenBLAS's float32 product rounds differently on 2 threads than on 1, and these features
+    must be the same bits in the main process and in joblib or Dask workers (which start with one thread).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return (pool @ fc_weight.T + fc_bias).astype(np.float32)
+
+
+def list_groups(cache: str | os.PathLike[str]) -> list[GroupSettings]:
+    """The settings of every feature group a cache holds."""
+    with open_cache(cache) as f:
+        return [GroupSettings.from_attrs(g.attrs) for g in _groups(f)]
+
+
+def _groups(f: h5py.File) -> list[h5py.Group]:
+    """Every group under /features that carries settings: features/<backbone>/<method>/<H>x<W>, where a timm
+    backbone's name (timm/NAME) nests one level deeper."""
+    found: list[h5py.Group] = []
+    if "features" in f:
+        f["features"].visititems(
+            lambda _, item: found.append(item) if isinstance(item, h5py.Group) and "backbone" in item.attrs else None)
+    return found
+
+
+def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", method: str = "m2", *,
+                  layer: str = "pool", size: str | tuple[int, int] | None = None,
+                  flips: str = "none") -> FeatureSet:
+    """Load one group's features.
+
+    ``size`` ("2000x1000" or (2000, 1000)) may be left out when the cache holds one size for this
+    backbone and method. ``flips`` is a flip variant (none, h, v, hv) giving X [N, D], or ``"all"`` giving
+    X [N, F, D]. ``layer`` is ``pool`` (the pooled trunk output) or ``fc1000`` (the ImageNet logits).
+    """
+    if layer not in LAYERS:
+        raise CacheError(f"unknown layer {layer!r}; one of {', '.join(LAYERS)}")
+    with open_cache(cache) as f:
+        base = f"features/{backbone}/{method}"
+        if base not in f:
+            have = sorted({f"{g.attrs['backbone']}/{g.attrs['method']}" for g in _groups(f)})
+            raise CacheError(f"{cache}: no features for {backbone}/{method}; the cache holds "
+                             f"{', '.join(have) or 'nothing yet'}")
+        sizes = sorted(f[base])
+        if size is None:
+            if len(sizes) > 1:
+                raise CacheError(f"{cache}: {backbone}/{method} has several input sizes ({', '.join(sizes)}); "
+                                 "choose one with size=")
+            size = sizes[0]
+        elif not isinstance(size, str):
+            size = f"{size[0]}x{size[1]}"
+        if size not in sizes:
+            raise CacheError(f"{cache}: no {backbone}/{method} features at {size}; sizes: {', '.join(sizes)}")
+        group = f[f"{base}/{size}"]
+        settings = GroupSettings.from_attrs(group.attrs)
+        stored_flips = tuple(settings.flips.split(","))
+        if flips != "all" and flips not in stored_flips:
+            raise CacheError(f"{cache}: flip {flips!r} not stored; this group holds {', '.join(stored_flips)} "
+                             "(or ask for flips='all')")
+        pool = group["pool"][:] if flips == "all" else group["pool"][:, stored_flips.index(flips)]
+        fc_weight, fc_bias = group["fc_weight"][:], group["fc_bias"][:]
+        X = fc1000(pool, fc_weight, fc_bias) if layer == "fc1000" else pool
+        sha256 = group["sha256"][:].astype(str)
+        rows = _latest_per_content(sha256, cache, f"{base}/{size}")
+        return FeatureSet(
+            X=X[rows], y=group["label"][:].astype(np.int64)[rows], groups=group["bundle"].asstr()[:].astype(str)[rows],
+            paths=group["path"].asstr()[:].astype(str)[rows], sha256=sha256[rows], layer=layer,
+            flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
+            fc_bias=fc_bias, window_stats=stored_window_stats(f))
+
+
+def _latest_per_content(sha256: np.ndarray, cache, key: str) -> np.ndarray:
+    """Row indices keeping one row per file content: the latest written.
+
+    A file moved to another label folder or bundle gets a new row under its new path; keeping both would
+    count the image twice, with two labels or in two folds.
+    """
+    _, last_from_end = np.unique(sha256[::-1], return_index=True)
+    rows = np.sort(len(sha256) - 1 - last_from_end)
+    if len(rows) < len(sha256):
+        warnings.warn(f"{cache}: {key} holds {len(sha256) - len(rows)} older row(s) of files that moved or are "
+                      "duplicated; using the latest row of each file content", XfeatWarning, stacklevel=3)
+    return rows
+
+
+@dataclass
+class GroupInfo:
+    """What ``xfeat info`` shows of one group."""
+
+    settings: GroupSettings
+    n_images: int
+    counts: dict[tuple[str, int], int]  # (bundle, label) -> images
+    missing: list[str] = field(default_factory=list)  # dataset images with no features here
+    stale: list[str] = field(default_factory=list)  # images whose file changed since extraction
+    not_in_dataset: int = 0
+
+
+@dataclass
+class CacheInfo:
+    path: Path
+    size_bytes: int
+    attrs: dict
+    window_stats: WindowStats | None
+    groups: list[GroupInfo]
+    pending_batches: int  # journal files an interrupted run left; the next extract merges them
+
+
+def describe_cache(cache: str | os.PathLike[str], dataset_hashes: dict[str, str] | None = None) -> CacheInfo:
+    """Summarise a cache; with ``dataset_hashes`` (path -> sha256 of a dataset) also what is missing or stale."""
+    path = Path(cache)
+    infos = []
+    with open_cache(path) as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k != "window_stats"}
+        stats = stored_window_stats(f)
+        for group in _groups(f):
+            paths = group["path"].asstr()[:]
+            hashes = group["sha256"][:].astype(str)
+            counts = Counter(zip(group["bundle"].asstr()[:], group["label"][:].tolist()))
+            info = GroupInfo(GroupSettings.from_attrs(group.attrs), len(paths), dict(sorted(counts.items())))
+            if dataset_hashes is not None:
+                held = dict(zip(paths, hashes))
+                info.missing = [p for p in dataset_hashes if p not in held]
+                info.stale = [p for p, h in dataset_hashes.items() if p in held and held[p] != h]
+                info.not_in_dataset = sum(p not in dataset_hashes for p in held)
+            infos.append(info)
+    journal = Path(f"{path}.journal")
+    pending = len(list(journal.glob("*.npz"))) if journal.exists() else 0
+    return CacheInfo(path, path.stat().st_size, attrs, stats, infos, pending)
+
+
+__all__ = ["FeatureSet", "load_features", "list_groups", "describe_cache", "fc1000", "FLIPS"]

@@ -1,0 +1,190 @@
+"""Find the images of a dataset (folder layout or CSV manifest) with their bundle and label.
+
+Two layouts are accepted:
+
+* a folder ``ROOT/<bundle>/<label>/<image>`` (images may sit in sub-folders below the label folder);
+  files directly in ``ROOT`` (a manifest, a README) and hidden files are ignored;
+* a CSV manifest with at least the columns ``path,bundle,label``; relative paths are resolved
+  against the CSV's folder, extra columns (e.g. ``anomaly``) are kept.
+
+Labels are ``normal``/``abnormal``, ``good``/``defect`` or ``0``/``1``, case-insensitive; 1 means abnormal.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xfeat.errors import DataError, XfeatWarning
+from xfeat.io.manifest import manifest_path, read_manifest
+
+LABELS = {"normal": 0, "good": 0, "0": 0, "abnormal": 1, "defect": 1, "1": 1}
+LABEL_NAMES = ("normal", "abnormal")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+MANIFEST_COLUMNS = ("path", "bundle", "label")
+# Files that operating systems drop into folders; never images, never worth an error.
+OS_CLUTTER = {"thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset: where it is, its production bundle and its label (1 = abnormal)."""
+
+    path: Path
+    bundle: str
+    label: int
+    relpath: str  # relative to the dataset root, with forward slashes: names outputs that mirror the input
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out of a run under ``skip_bad``, with the reason; runs list these in a report."""
+
+    path: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The images of a dataset in a stable order (sorted by bundle, then relative path)."""
+
+    root: Path
+    source: Path
+    records: tuple[ImageRecord, ...]
+    skipped: tuple[Skipped, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.records)
+
+    @property
+    def bundles(self) -> list[str]:
+        return sorted({r.bundle for r in self.records})
+
+
+def parse_label(text: str, where: str) -> int:
+    """Map a label name to 0 (normal) or 1 (abnormal); ``where`` names the file for the error."""
+    try:
+        return LABELS[text.strip().lower()]
+    except KeyError:
+        raise DataError(where, f"unknown label {text.strip()!r}; expected normal/abnormal, good/defect or 0/1") from None
+
+
+def find_images(source: str | os.PathLike[str], *, skip_bad: bool = False) -> Dataset:
+    """Find a dataset's images from a folder layout or a ``.csv`` manifest.
+
+    With ``skip_bad`` a missing or non-image file is listed in ``Dataset.skipped`` instead of
+    stopping the run; problems with the layout itself (unknown label, bad header) always stop it.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DataError(source, "no such file or folder")
+    if source.is_dir():
+        records, skipped = _scan_folder(source, skip_bad)
+        root = source
+    elif source.suffix.lower() == ".csv":
+        records, skipped = _read_manifest(source, skip_bad)
+        root = source.parent
+    else:
+        raise DataError(source, "expected a dataset folder or a .csv manifest")
+    records.sort(key=lambda r: (r.bundle, r.relpath))
+    return Dataset(root=root.resolve(), source=source.resolve(), records=tuple(records), skipped=tuple(skipped))
+
+
+def _visible(entries: Iterable[Path]) -> list[Path]:
+    return sorted(p for p in entries if not p.name.startswith(".") and p.name.lower() not in OS_CLUTTER)
+
+
+def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Skipped]]:
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    bundle_dirs = [p for p in _visible(root.iterdir()) if p.is_dir()]
+    if not bundle_dirs:
+        raise DataError(root, "no bundle folders; expected ROOT/<bundle>/<normal|abnormal>/<image>")
+    for bundle_dir in bundle_dirs:
+        found = 0
+        for label_dir in _visible(bundle_dir.iterdir()):
+            if not label_dir.is_dir():
+                raise DataError(label_dir, "file outside a label folder; expected ROOT/<bundle>/<normal|abnormal>/<image>")
+            if label_dir.name.lower() not in LABELS:
+                raise DataError(label_dir, f"unknown label folder {label_dir.name!r}; expected normal/abnormal, "
+                                           "good/defect or 0/1")
+            label = LABELS[label_dir.name.lower()]
+            for path in _visible(_files_below(label_dir)):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    problem = "not an image file (expected .tif, .tiff or .png)"
+                    if not skip_bad:
+                        raise DataError(path, problem)
+                    skipped.append(Skipped(str(path), problem))
+                    continue
+                relpath = path.relative_to(root).as_posix()
+                records.append(ImageRecord(path=path.resolve(), bundle=bundle_dir.name, label=label, relpath=relpath))
+                found += 1
+        if not found:
+            raise DataError(bundle_dir, "bundle has no images")
+    return records, skipped
+
+
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Every visible .tif, .tiff or .png file below a folder, sorted (no layout expected)."""
+    return [p for p in _visible(_files_below(Path(folder))) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _files_below(folder: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            yield Path(dirpath, name)
+
+
+def _read_manifest(manifest: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Skipped]]:
+    rows = read_manifest(manifest, MANIFEST_COLUMNS)
+    root = manifest.parent
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    first_line_of: dict[Path, int] = {}
+    for row in rows:
+        line, values = row.line, row.values
+        where = f"{manifest}, line {line}"
+        if not values["path"] or not values["bundle"]:
+            raise DataError(where, "empty path or bundle")
+        label = parse_label(values["label"], where)
+        path = manifest_path(manifest, values["path"])
+        if path in first_line_of:
+            raise DataError(where, f"{values['path']} is listed twice (lines {first_line_of[path]} and {line})")
+        first_line_of[path] = line
+        if not path.is_file():
+            problem = f"image not found (listed in {manifest}, line {line})"
+            if not skip_bad:
+                raise DataError(path, problem)
+            skipped.append(Skipped(str(path), problem))
+            continue
+        relpath = path.relative_to(root.resolve()).as_posix() if path.is_relative_to(root.resolve()) \
+            else f"{values['bundle']}/{LABEL_NAMES[label]}/{path.name}"
+        extra = {k: v for k, v in values.items() if k not in MANIFEST_COLUMNS}
+        records.append(ImageRecord(path=path, bundle=values["bundle"], label=label, relpath=relpath, extra=extra))
+    if not records and not skipped:
+        raise DataError(manifest, "manifest lists no images")
+    return records, skipped
+
+
+def warn_leaks(records: Iterable[ImageRecord], hashes: Iterable[str]) -> list[tuple[ImageRecord, ImageRecord]]:
+    """Warn about identical image files in two bundles: they leak between leave-one-bundle-out folds.
+
+    Returns the pairs found (first occurrence, repeat), so callers can report them too.
+    """
+    first: dict[str, ImageRecord] = {}
+    leaks = []
+    for record, digest in zip(records, hashes):
+        seen = first.setdefault(digest, record)
+        if seen is not record and seen.bundle != record.bundle:
+            leaks.append((seen, record))
+            warnings.warn(f"{record.path}: same image content as {seen.path} (bundles {seen.bundle} and "
+                          f"{record.bundle}): a leak between folds", XfeatWarning, stacklevel=2)
+    return leaks

@@ -1,0 +1,25 @@
+"""Content identity: the SHA-256 of a file's bytes, for images (leaks, resuming) and weights files alike."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes, read in blocks; remembered per (path, size, mtime) in this process,
+    so a weights file hashed for every model built is read once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest would do this, but only from Python 3.11
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,239 @@
+"""Classifiers on cached features, all scikit-learn estimators, all binary with 1 (abnormal) as the positive class.
+
+Every classifier has ``decision_function`` and/or ``predict_proba`` with higher = more abnormal;
+``abnormal_score`` returns that score for any of them. ``make_classifier("fc" | "svm" | "logreg" | "knn" |
+"mahalanobis", **params)`` builds one by name.
+
+Labels: ``classes_`` is the sorted pair of labels and the second is the positive (abnormal) class, as in
+scikit-learn; with xfeat's 0 / 1 labels, 1 = abnormal. Everything that learns, scalers and thresholds
+included, is fitted inside ``fit`` on the training rows only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.model_selection import KFold
+from sklearn.neighbors import NearestNeighbors
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from xfeat.errors import XfeatError
+from xfeat.learn.binary import abnormal_score, binary_labels, binary_tags, predict_from_decision
+from xfeat.learn.fc_head import FCHead
+
+
+# --- linear baselines ---------------------------------------------------------------------------------------
+
+class _ScaledLinear(ClassifierMixin, BaseEstimator):
+    """StandardScaler + a linear model, fitted together on the training rows (``model_``)."""
+
+    def __sklearn_tags__(self):
+        return binary_tags(super().__sklearn_tags__())
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y)
+        self.classes_, _ = binary_labels(self, y)
+        self.model_ = make_pipeline(StandardScaler(), self._linear_model()).fit(X, y)
+        self.n_iter_ = int(np.max(self.model_[-1].n_iter_))
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return self.model_.decision_function(validate_data(self, X, reset=False))
+
+    def predict(self, X) -> np.ndarray:
+        return predict_from_decision(self, X)
+
+
+class LinearSVM(_ScaledLinear):
+    """The ResNet-50 paper's baseline: standardisation + a linear SVM trained by SGD (hinge loss), as there.
+
+    ``alpha`` is SGD's regularisation strength (alpha = 1 / (C n) for an SVM's C); ``class_weight`` None,
+    "balanced" or {label: weight}; ``seed`` fixes SGD's shuffling.
+    """
+
+    def __init__(self, alpha: float = 1e-4, class_weight=None, max_iter: int = 1000, tol: float = 1e-3,
+                 seed: int = 0):
+        self.alpha = alpha
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+
+    def _linear_model(self):
+        return SGDClassifier(loss="hinge", alpha=self.alpha, class_weight=self.class_weight,
+                             max_iter=self.max_iter, tol=self.tol, random_state=self.seed)
+
+
+class LogReg(_ScaledLinear):
+    """Standardisation + logistic regression: the baseline with calibrated probabilities."""
+
+    def __init__(self, C: float = 1.0, class_weight=None, max_iter: int = 1000):
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+
+    def _linear_model(self):
+        return LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return self.model_.predict_proba(validate_data(self, X, reset=False))
+
+
+# --- one-class scores ---------------------------------------------------------------------------------------
+
+def balanced_threshold(scores: np.ndarray, y01: np.ndarray) -> float:
+    """The cut c for "abnormal when score > c" maximising balanced accuracy on these scores.
+
+    Candidates are the midpoints between consecutive distinct scores (and one below / above all); among
+    equally good cuts the lowest wins: it catches more abnormal images, the cheaper mistake in QC.
+    """
+    values = np.unique(scores)
+    cuts = np.concatenate([[values[0] - 1], (values[:-1] + values[1:]) / 2, [values[-1] + 1]])
+    normal, abnormal = np.sort(scores[y01 == 0]), np.sort(scores[y01 == 1])
+    tnr = np.searchsorted(normal, cuts, side="right") / len(normal)
+    tpr = 1 - np.searchsorted(abnormal, cuts, side="right") / len(abnormal)
+    return float(cuts[np.argmax(tnr + tpr)])
+
+
+class _OneClass(ClassifierMixin, BaseEstimator):
+    """A score learnt from the normal training images only, and a threshold chosen on the training rows.
+
+    ``anomaly_score`` (higher = more abnormal) depends on the normal rows alone. The threshold maximises
+    balanced accuracy over the training rows, scoring each normal row with a model that did not see it
+    (``cv`` contiguous folds of the normal rows) and each abnormal row with the full model; with no abnormal
+    training rows it is the ``normal_quantile`` quantile of those normal scores. ``decision_function`` is
+    score - threshold.
+    """
+
+    def __sklearn_tags__(self):
+        return binary_tags(super().__sklearn_tags__())
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float64)  # float64: covariances of 1000+ features
+        self.classes_, y01 = binary_labels(self, y, allow_normal_only=True)
+        normal = X[y01 == 0]
+        if len(normal) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 normal training images; got "
+                             f"{len(normal)} sample(s), n_samples = {len(normal)}")
+        self.model_ = self._fit_normal(normal)
+        if not (y01 == 1).any():
+            self.threshold_ = float(np.quantile(self._cross_fitted_scores(normal), self.normal_quantile))
+            return self
+        scores = np.empty(len(X))
+        scores[y01 == 0] = self._cross_fitted_scores(normal)
+        scores[y01 == 1] = self._score(self.model_, X[y01 == 1])
+        self.threshold_ = balanced_threshold(scores, y01)
+        return self
+
+    def _cross_fitted_scores(self, normal: np.ndarray) -> np.ndarray:
+        """Each normal row scored by a model fitted without it: in-sample scores would set the cut too low."""
+        scores = np.empty(len(normal))
+        for fit_rows, held_out in KFold(min(self.cv, len(normal))).split(normal):
+            scores[held_out] = self._score(self._fit_normal(normal[fit_rows]), normal[held_out])
+        return scores
+
+    def anomaly_score(self, X) -> np.ndarray:
+        """The one-class score (a distance to the normal training images): higher = more abnormal."""
+        check_is_fitted(self)
+        return self._score(self.model_, validate_data(self, X, reset=False, dtype=np.float64))
+
+    def decision_function(self, X) -> np.ndarray:
+        return self.anomaly_score(X) - self.threshold_
+
+    def predict(self, X) -> np.ndarray:
+        return predict_from_decision(self, X)
+
+
+class KNNNormal(_OneClass):
+    """Mean distance to the k nearest normal training images (the one-class score of Napoletano et al.).
+
+    ``scaling`` before the distance: ``"standard"`` (default) standardises each feature with the mean and
+    spread of the normal training images, so every feature counts in units of its normal variation
+    instead of a few large-valued features deciding (a diagonal Mahalanobis distance); ``"l2"`` scales each
+    image's features to unit length (cosine-like); ``"none"`` uses them raw.
+    """
+
+    def __init__(self, n_neighbors: int = 5, scaling: str = "standard", cv: int = 5, normal_quantile: float = 0.95):
+        self.n_neighbors = n_neighbors
+        self.scaling = scaling
+        self.cv = cv
+        self.normal_quantile = normal_quantile
+
+    def _fit_normal(self, normal):
+        scaler = self._scaler().fit(normal)
+        bank = NearestNeighbors(n_neighbors=min(self.n_neighbors, len(normal)))
+        return scaler, bank.fit(scaler.transform(normal))
+
+    def _scaler(self):
+        scalers = {"standard": StandardScaler, "l2": lambda: Normalizer("l2"),
+                   "none": lambda: FunctionTransformer(None)}
+        if self.scaling not in scalers:
+            raise ValueError(f"unknown scaling {self.scaling!r}; one of {', '.join(scalers)}")
+        return scalers[self.scaling]()
+
+    def _score(self, model, X):
+        scaler, bank = model
+        return bank.kneighbors(scaler.transform(X))[0].mean(axis=1)
+
+
+class Mahalanobis(_OneClass):
+    """Mahalanobis distance to a Gaussian of the normal training images (PaDiM-style, one Gaussian per image).
+
+    The covariance is Ledoit-Wolf shrunk, which keeps it invertible with fewer images than features (as in
+    Rippel et al.'s Gaussian on pretrained features), and used through its Cholesky factor (several times
+    faster than the eigendecomposition sklearn's ``mahalanobis`` uses). ``n_components`` optionally projects
+    on that many principal components of the normal images first (None: all features, which keeps the
+    low-variance directions where anomalies often show).
+    """
+
+    def __init__(self, n_components: int | None = None, cv: int = 5, normal_quantile: float = 0.95):
+        self.n_components = n_components
+        self.cv = cv
+        self.normal_quantile = normal_quantile
+
+    def _fit_normal(self, normal):
+        pca = None
+        if self.n_components is not None:
+            pca = PCA(min(self.n_components, *normal.shape), svd_solver="full").fit(normal)
+            normal = pca.transform(normal)
+        gaussian = LedoitWolf(store_precision=False).fit(normal)
+        covariance = gaussian.covariance_
+        ridge = 1e-9 * max(np.trace(covariance) / len(covariance), np.finfo(float).tiny)  # constant features
+        cholesky = linalg.cholesky(covariance + ridge * np.eye(len(covariance)), lower=True)
+        return pca, gaussian.location_, cholesky
+
+    def _score(self, model, X):
+        pca, mean, cholesky = model
+        X = pca.transform(X) if pca is not None else X
+        whitened = linalg.solve_triangular(cholesky, (X - mean).T, lower=True)
+        return np.sqrt((whitened**2).sum(axis=0))
+
+
+# --- registry -----------------------------------------------------------------------------------------------
+
+CLASSIFIERS: dict[str, type] = {
+    "fc": FCHead,
+    "svm": LinearSVM,
+    "logreg": LogReg,
+    "knn": KNNNormal,
+    "mahalanobis": Mahalanobis,
+}
+
+
+def make_classifier(name: str, **params) -> BaseEstimator:
+    """A classifier by its registry name, with these parameters."""
+    if name not in CLASSIFIERS:
+        raise XfeatError(f"unknown classifier {name!r}; one of {', '.join(CLASSIFIERS)}")
+    return CLASSIFIERS[name](**params)
+
+
+__all__ = ["CLASSIFIERS", "make_classifier", "abnormal_score", "balanced_threshold", "FCHead", "LinearSVM",
+           "LogReg", "KNNNormal", "Mahalanobis"]

@@ -1,0 +1,131 @@
+"""report.html: one self-contained page (tables, plots as base64 PNG, inline CSS) that opens anywhere, offline.
+
+It also words the screening outcome (``screening_text``): the same sentence is on the page and on the console.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from xfeat import __version__
+from xfeat.report.plots import bundle_bars, confusion_matrices, png_base64, roc_curves
+from xfeat.report.tables import BANNER, ONE_CLASS, ONE_CLASS_NOTE, Cell, Table, build_table, group_results, table_title
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from xfeat.learn.evaluation import ConfigurationResult
+    from xfeat.screening.threshold import ScreeningOutcome
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { padding: 0.2em 0.7em; text-align: right; } th:first-child, td:first-child { text-align: left; }
+thead th { border-bottom: 2px solid #444; } tr.rule td { border-top: 1px solid #444; }
+td.count { color: #777; } sup { color: #b45309; }
+.banner { background: #b91c1c; color: white; padding: 0.7em 1em; font-weight: bold; font-size: 1.1em; }
+.warn { color: #b91c1c; font-weight: bold; } .note { color: #555; font-size: 0.85em; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+"""
+
+EXPLANATION = """
+<ul>
+<li>Leave-one-bundle-out: every image is scored by a model trained on the other bundles only.
+Positive class = <b>abnormal</b>; TPR = abnormal images caught, TNR = normal images cleared.</li>
+<li>Balanced accuracy = (TPR + TNR) / 2. <b>Overall</b> is computed from the TP/FP/TN/FN summed over all folds
+(the fuel-cell paper's definition), not averaged over bundles.</li>
+<li>A bundle holding one class has one defined rate: it is shown with <sup>†</sup> (TNR when normal only,
+TPR when abnormal only), never as 50.</li>
+<li>AUROC uses the pooled out-of-fold scores. The 95% interval is a percentile bootstrap that resamples whole
+bundles (a new bundle is a new coating mixture, so bundles are the independent units).</li>
+</ul>
+"""
+
+
+def _html_cell(cell: Cell) -> str:
+    text = html.escape(cell.text)
+    if cell.best:
+        text = f"<b>{text}</b>"
+    if cell.single_class:
+        text += f'<sup title="{html.escape(cell.single_class)}">{ONE_CLASS}</sup>'
+    return f"<td>{text}</td>"
+
+
+def render_html_table(table: Table) -> str:
+    """Table 1 as HTML: best per row in bold, one-class bundles marked, bundle size beside each row."""
+    e = html.escape
+    head = "".join(f"<th>{e(m)}</th>" for m in table.methods)
+    lines = [f"<table><thead><tr><th>bundle</th><th>images</th><th>abnormal</th>{head}</tr></thead><tbody>"]
+    for row in table.rows:
+        counts = ("" if row.n is None else str(row.n), "" if row.abnormal is None else str(row.abnormal))
+        lines.append(f'<tr{" class=rule" if row.rule_above else ""}><td>{e(row.label)}</td>'
+                     f'<td class=count>{counts[0]}</td><td class=count>{counts[1]}</td>'
+                     + "".join(_html_cell(c) for c in row.cells) + "</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def _img(fig: Figure, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{png_base64(fig)}" alt="{html.escape(alt)}">'
+
+
+def _section(group: Sequence[ConfigurationResult]) -> str:
+    table = build_table(group)
+    e = html.escape
+    parts = [f"<h2>{e(table_title(table))}</h2>"]
+    if table.random_weights:
+        parts.append(f'<p class=warn>{BANNER}: the backbone had random weights; a baseline, not a result.</p>')
+    parts += ["<p>Balanced accuracy (%) per held-out bundle; <b>bold</b> = best in row.</p>",
+              render_html_table(table)]
+    if table.has_one_class:
+        parts.append(f"<p class=note>{e(ONE_CLASS_NOTE)}</p>")
+    parts += [f"<p class=warn>{e(note)}</p>" for note in filter(None, (r.constant_note() for r in group))]
+    parts += ["<h3>Per bundle</h3>", _img(bundle_bars(table), f"balanced accuracy per bundle, {table_title(table)}"),
+              "<h3>Overall confusion matrices (summed over folds)</h3>",
+              _img(confusion_matrices(group), f"confusion matrices, {table_title(table)}"),
+              "<h3>ROC, pooled out-of-fold scores</h3>", _img(roc_curves(group), f"ROC curves, {table_title(table)}")]
+    return "\n".join(parts)
+
+
+def screening_text(outcome: ScreeningOutcome) -> str:
+    """The screening outcome in words a QC engineer reads: what is flagged, what is cleared, what it costs."""
+    target = f" (target {outcome.target_recall:.1%})" if outcome.target_recall is not None else ""
+    return (f"threshold {outcome.threshold:.6g} (abnormal when score > threshold), on the leave-one-bundle-out "
+            f"scores: {outcome.recall:.1%} of {outcome.n_abnormal} abnormal electrodes flagged{target}, 95% "
+            f"interval over bundles {_span(outcome.recall_interval)}; {outcome.cleared:.1%} of {outcome.n_normal} "
+            f"normal electrodes cleared without a look ({_span(outcome.cleared_interval)}); a person looks at "
+            f"{outcome.flagged:.1%} of all electrodes")
+
+
+def _span(interval: tuple[float, float]) -> str:
+    low, high = interval
+    return "n/a" if math.isnan(low) else f"{low:.1%}-{high:.1%}"
+
+
+def render_html(results: Sequence[ConfigurationResult], *, created: str | None = None,
+                screening: ScreeningOutcome | None = None) -> str:
+    """One self-contained page: tables and plots (base64 PNG); no external files, CSS or scripts."""
+    created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>xfeat evaluation report</title>", f"<style>{CSS}</style></head><body>",
+             "<h1>xfeat evaluation report</h1>",
+             f"<p class=note>xfeat {html.escape(__version__)}, {html.escape(created)}, "
+             f"{len(results)} configuration(s).</p>"]
+    if any(r.features.random_weights for r in results):
+        parts.append(f'<div class="banner">{BANNER}. Some configurations used a backbone with random weights '
+                     "(<code>--weights none</code>); their numbers are a baseline, not a result.</div>")
+    if screening is not None:
+        parts += ["<h2>Screening at the model's threshold</h2>",
+                  f"<p>{html.escape(screening_text(screening))}.</p>"]
+    parts.append(EXPLANATION)
+    parts += [_section(group) for group in group_results(results).values()]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+__all__ = ["render_html", "render_html_table", "screening_text"]
