@@ -367,3 +367,19 @@ def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
     with pytest.raises(XfeatError, match="worker process died"):
         for _ in batches:
             pass
+
+
+def test_a_timm_backbone_runs_through_extract_info_and_evaluate(tmp_path, small_dataset, capsys):
+    """``timm/NAME`` nests one group level deeper in the cache; every reader still finds it."""
+    cache = tmp_path / "c.h5"
+    assert main(["extract", str(small_dataset), "--cache", str(cache), "--backbone", "timm/resnet10t",
+                 "--methods", "m2", "--size", "64x48", "--flips", "1", "--weights", "none", "--workers", "0",
+                 "--quiet"]) == 0
+    with h5py.File(cache, "r") as f:
+        assert f["features/timm/resnet10t/m2/64x48"].attrs["backbone"] == "timm/resnet10t"
+    assert main(["info", str(cache)]) == 0
+    assert "features/timm/resnet10t/m2/64x48: 8 images x 1 flips" in capsys.readouterr().out
+    assert main(["evaluate", str(cache), "--clf", "logreg", "--quiet"]) == 0
+    assert "timm/resnet10t" in capsys.readouterr().out
+    fs = load_features(cache, backbone="timm/resnet10t", method="m2")
+    assert fs.X.shape == (8, 512)
