@@ -26,17 +26,25 @@ def names_arg(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def check_writable(path: str) -> None:
-    """Refuse an output whose folder is missing before the work, not after it."""
-    from pathlib import Path
+def _int_at_least(minimum: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+    return value
 
-    from xfeat.errors import DataError
 
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        raise DataError(path, f"cannot write here: folder {folder} does not exist")
-    if Path(path).is_dir():
-        raise DataError(path, "is a folder; give a file name")
+def positive_int(text: str) -> int:
+    """A count that must be 1 or more (--epochs, --batch-size, --jobs, --bundles): 0 or -3 is a usage error
+    (exit 2) at once, not a traceback or a silent default after minutes of work."""
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """A count where 0 means something (--workers 0: decode in this process; --seed 0)."""
+    return _int_at_least(0, text)
 
 
 def say(message: str) -> None:
@@ -47,7 +55,7 @@ def say(message: str) -> None:
 def add_common(parser: argparse.ArgumentParser, *, jobs: bool = True) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if jobs:
-        parser.add_argument("--jobs", type=int, default=None, metavar="N",
+        parser.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                             help="worker processes (default: one per CPU core)")
 
 

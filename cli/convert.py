@@ -8,16 +8,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from xfeat_cli.common import add_common, progress_bar, say
+from xfeat_cli.extract import add_max_pixels
 from xfeat.convert.methods import METHODS, NEEDS_STATS, check_method
 from xfeat.io.dataset import find_images
 from xfeat.errors import XfeatError
 from xfeat.convert.export import preview_panel, write_converted, write_png, write_skipped_report
 from xfeat.io.images import read_image
+from xfeat.io.outputs import check_output, data_roots_of, manifest_input
 from xfeat.convert.scan import scan_dataset
 from xfeat.convert.stats import WindowStats, pixel_histogram, window_stats
 
 STATS_FILE = "stats.json"
 SKIPPED_FILE = "skipped.csv"
+STATS_INPUT = "the statistics file this command reads (--stats)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-round", action="store_true", help="keep G_min/G_max unrounded (the paper rounds to 100)")
     p.add_argument("--skip-bad", action="store_true",
                    help=f"skip unreadable files and list them in DIR/{SKIPPED_FILE} instead of stopping")
+    add_max_pixels(p)
     add_common(p)
     p.set_defaults(run=run)
 
@@ -46,13 +50,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise XfeatError("convert needs DATA (a dataset folder or manifest) or --preview IMAGE")
     check_method(args.method)
+    check_output(args.out, kind="folder", data_roots=data_roots_of(args.data), writes=(STATS_FILE, SKIPPED_FILE),
+                 inputs=[manifest_input(args.data), (args.stats, STATS_INPUT)])
     start = time.perf_counter()
     out = Path(args.out)
     dataset = find_images(args.data, skip_bad=args.skip_bad)
     stats = WindowStats.load(args.stats) if args.stats else None
     if stats is None and args.method in NEEDS_STATS:
         with progress_bar(len(dataset), "statistics", args.quiet) as bar:
-            scan = scan_dataset(dataset, jobs=args.jobs, skip_bad=args.skip_bad, progress=bar.update)
+            scan = scan_dataset(dataset, jobs=args.jobs, skip_bad=args.skip_bad, max_pixels=args.max_pixels,
+                                progress=bar.update)
         stats = scan.window_stats(round_to=None if args.no_round else 100)
         dataset = replace(dataset, records=scan.records, skipped=scan.skipped)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             say(stats.describe())
     with progress_bar(len(dataset), args.method, args.quiet) as bar:
         failed = write_converted(dataset, args.method, out, stats=stats, jobs=args.jobs, skip_bad=args.skip_bad,
-                                 progress=bar.update)
+                                 max_pixels=args.max_pixels, progress=bar.update)
     skipped = [*dataset.skipped, *failed]
     if skipped:
         write_skipped_report(out / SKIPPED_FILE, skipped)
@@ -74,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    image = read_image(args.preview)
+    check_output(args.out, create_folders=True,
+                 inputs=[(args.preview, "the image this command previews"), (args.stats, STATS_INPUT)])
+    image = read_image(args.preview, max_pixels=args.max_pixels)
     if args.stats:
         stats, source = WindowStats.load(args.stats), args.stats
     else:

@@ -6,8 +6,9 @@ import argparse
 import json
 import time
 
-from xfeat_cli.common import add_common, names_arg, say
+from xfeat_cli.common import add_common, names_arg, non_negative_int, positive_int, say
 from xfeat.errors import XfeatError
+from xfeat.io.outputs import check_output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,10 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_classifier_options(p: argparse.ArgumentParser) -> None:
     """How to train: shared by ``evaluate`` and ``train``, so a model is trained as it was evaluated."""
     p.add_argument("--size", default=None, metavar="HxW", help="input size group (default: the only one)")
-    p.add_argument("--epochs", type=int, default=None, help="fc: training epochs (default 50)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="fc: training epochs (default 50)")
     p.add_argument("--class-weight", choices=("balanced",), default=None,
                    help="weight the loss by inverse class frequency (fc, svm, logreg)")
-    p.add_argument("--seed", type=int, default=0, help="fc: random seed")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="fc: random seed")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="fc: matmul precision while training (default fp32; bf16 is ~1.3x faster on CPUs with "
                         "AVX512-BF16 or AMX, keeps float32 weights, but is not bitwise equal)")
@@ -69,8 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from xfeat.scale.dask import dask_executor
     from xfeat.features.reading import list_groups
     from xfeat.report import format_tables, write_results
+    from xfeat.report.files import REPORT_FILES
 
     start = time.perf_counter()
+    if args.report:  # before the evaluation, not after it
+        check_output(args.report, option="--report", kind="folder", writes=REPORT_FILES,
+                     inputs=[(args.cache, "the feature cache this command reads")])
     groups = list_groups(args.cache)
     if not groups:
         raise XfeatError(f"{args.cache}: holds no features yet; run xfeat extract first")
@@ -86,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
         held = ", ".join(sorted({f"{g.backbone}/{g.method}" for g in groups}))
         raise XfeatError(f"{args.cache}: nothing to evaluate for backbone(s) {', '.join(backbones)} and classifiers "
                          f"{', '.join(classifiers) or '(none)'}; the cache holds {held}")
-    if args.jobs is not None and args.jobs < 0:
-        raise XfeatError("--jobs must be a positive number of processes")
     if args.scheduler:
         with dask_executor(args.scheduler) as executor:
             results = evaluate(args.cache, configs, params=params, executor=executor)

@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import argparse
 
-from xfeat_cli.common import add_common, names_arg, progress_bar, say, size_arg
+from xfeat_cli.common import add_common, names_arg, non_negative_int, positive_int, progress_bar, say, size_arg
 from xfeat.convert.methods import METHODS
 from xfeat.convert.stats import WindowStats
+from xfeat.io.images import MAX_PIXELS, megapixels
+from xfeat.io.outputs import check_output, data_roots_of, manifest_input
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as xfeat.features.inference; not imported so --help stays fast
+MIN_SIDE = 16  # as ExtractConfig.validate: smaller inputs vanish in the backbone's downsampling
+
+
+def input_size_arg(text: str) -> tuple[int, int]:
+    """``--size HxW``, each side at least 16; its pixel count is checked against --max-pixels once both are
+    parsed (a typo such as 40000x40000 must be a usage error, not a 27 GiB allocation)."""
+    height, width = size_arg(text)
+    if min(height, width) < MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"each side must be at least {MIN_SIDE} pixels, got {text!r}")
+    return height, width
+
+
+def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    """The one definition of --max-pixels, shared by extract, convert and predict."""
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
+                        help=f"refuse images (and input sizes) over N pixels, read from the file's header before "
+                             f"decoding (default {MAX_PIXELS} = {megapixels(MAX_PIXELS)} MP)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,8 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "classification model, or timm/NAME for any timm model (default resnet34)")
     p.add_argument("--methods", type=names_arg, default=("m1", "m2", "m3", "m4"),
                    help=f"comma-separated conversion methods from {', '.join(METHODS)} (default m1,m2,m3,m4)")
-    p.add_argument("--size", type=size_arg, default=(2000, 1000), metavar="HxW",
+    p.add_argument("--size", type=input_size_arg, default=(2000, 1000), metavar="HxW",
                    help="network input size (default 2000x1000, the fuel-cell paper; 224x224 for the ResNet-50 one)")
+    add_max_pixels(p)
     p.add_argument("--flips", type=int, default=4, choices=(1, 2, 4),
                    help="flip variants per image: 1 none, 2 +h, 4 +v,hv (default 4)")
     p.add_argument("--weights", default="imagenet",
@@ -32,23 +52,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp16 autocast on CUDA, fp32 elsewhere")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per forward pass (default: auto)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="images per forward pass (default: auto)")
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                    help="decoding processes overlapped with inference (default 2; 0 decodes in-process)")
     p.add_argument("--stats", metavar="FILE", help="window statistics to use (stats.json) instead of the dataset's")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end)")
     add_common(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, usage_error=p.error)  # --size against --max-pixels: a usage error, after parsing
 
 
 def run(args: argparse.Namespace) -> int:
+    height, width = args.size
+    if height * width > args.max_pixels:
+        args.usage_error(f"argument --size: {height}x{width} is {megapixels(height * width)} MP, over the limit of "
+                         f"{megapixels(args.max_pixels)} MP; raise it with --max-pixels")
+    check_output(args.cache, option="--cache", data_roots=data_roots_of(args.data),
+                 inputs=[manifest_input(args.data), (args.stats, "the statistics file this command reads (--stats)"),
+                         (None if args.weights in ("imagenet", "none") else args.weights,
+                          "the backbone weights file this command reads (--weights)")])
     from xfeat.scale.torchrun import extract_distributed, torchrun_world  # imports torch: only when extracting
     from xfeat.features.extract import ExtractConfig, extract
 
     config = ExtractConfig(backbones=args.backbone, methods=args.methods, size=args.size, flips=args.flips,
                            weights=args.weights, device=args.device, precision=args.precision,
                            batch_size=args.batch_size, workers=args.workers, jobs=args.jobs,
-                           stats=WindowStats.load(args.stats) if args.stats else None)
+                           stats=WindowStats.load(args.stats) if args.stats else None, max_pixels=args.max_pixels)
     world = torchrun_world()  # under torchrun this process is one rank of a distributed run
     ranks, lead = (world.size, world.rank == 0) if world else (1, True)
     quiet = args.quiet or not lead  # rank 0 reports for the whole run

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from collections import Counter
 
-from xfeat_cli.common import add_common, check_writable, progress_bar, say
+from xfeat_cli.common import add_common, non_negative_int, progress_bar, say
+from xfeat_cli.extract import add_max_pixels
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,27 +24,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="backbone weights file, when the model does not bundle them and they moved")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                    help="decoding processes overlapped with inference (default 2; 0 decodes in-process)")
+    add_max_pixels(p)
     add_common(p, jobs=False)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from xfeat.errors import XfeatError
+    from xfeat.io.outputs import check_output
     from xfeat.screening.model import load_model
     from xfeat.screening.predict import gather_inputs, predict, write_predictions
 
-    model = load_model(args.model)
-    check_writable(args.out)
     images = gather_inputs(args.inputs)
+    check_output(args.out, inputs=[
+        (args.model, "the model file this command reads"), (args.cache, "the feature cache this command reads"),
+        (args.weights, "the backbone weights file this command reads (--weights)"),
+        *((source, "a manifest this command reads" if source.lower().endswith(".csv") else
+           "an image this command scores") for source in args.inputs),
+        *((image.path, "an image this command scores") for image in images)],
+        data_roots=[source for source in args.inputs if Path(source).is_dir()])
+    model = load_model(args.model)
     if not images:
         raise XfeatError(f"no images found in {', '.join(args.inputs)} (.tif, .tiff or .png)")
-    if args.workers is not None and args.workers < 0:
-        raise XfeatError("--workers must be 0 or more")
     with progress_bar(len(images), "predict", args.quiet) as bar:
         predictions = predict(model, images, cache=args.cache, weights=args.weights, device=args.device,
-                              workers=args.workers, progress=bar.update)
+                              workers=args.workers, progress=bar.update, max_pixels=args.max_pixels)
     write_predictions(predictions, args.out)
     failed = [p for p in predictions if p.error]
     for p in failed:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from xfeat_cli.common import add_common, progress_bar, say, size_arg
+from xfeat_cli.common import add_common, non_negative_int, positive_int, progress_bar, say, size_arg
+from xfeat.io.outputs import check_output
 from xfeat.synth import make_dataset
 
 
@@ -15,18 +16,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write OUT/<bundle>/<normal|abnormal>/*.tif and OUT/manifest.csv (with anomaly types). "
                     "Defaults follow the fuel-cell paper: 12 bundles, 714 images, 152 abnormal, ~2070x1145 px.")
     p.add_argument("out", help="new or empty output folder")
-    p.add_argument("--bundles", type=int, default=12, help="number of bundles (default 12)")
-    p.add_argument("--images", type=int, default=714, help="number of images (default 714)")
+    p.add_argument("--bundles", type=positive_int, default=12, help="number of bundles (default 12)")
+    p.add_argument("--images", type=positive_int, default=714, help="number of images (default 714)")
     p.add_argument("--abnormal-fraction", type=float, default=152 / 714,
                    help="share of abnormal images (default 0.2129, as in the paper)")
     p.add_argument("--size", type=size_arg, default=None, metavar="HxW",
                    help="fixed image size, e.g. 256x128 for tests (default: 2053-2115 x 1119-1219, as in the paper)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes byte-identical files")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="random seed; the same seed writes byte-identical files")
     add_common(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, option="OUT", kind="folder")
     start = time.perf_counter()
     with progress_bar(args.images, "synth", args.quiet) as bar:
         summary = make_dataset(args.out, bundles=args.bundles, images=args.images,

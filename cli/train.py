@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from xfeat_cli.common import add_common, check_writable, names_arg, say
+from xfeat_cli.common import add_common, names_arg, say
 from xfeat_cli.evaluate import add_classifier_options, classifier_params, default_backbone
 from xfeat.errors import XfeatError
+from xfeat.io.outputs import check_output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,9 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from xfeat.features.reading import list_groups
     from xfeat.screening.model import bundle_weights, cross_validate, fit_model, save_model, screening_of, weights_path_for
     from xfeat.report import format_tables, screening_text, write_results
+    from xfeat.report.files import REPORT_FILES
 
     start = time.perf_counter()
-    check_writable(args.out)
+    inputs = [(args.cache, "the feature cache this command reads"),
+              (args.weights, "the backbone weights file this command reads (--weights)")]
+    check_output(args.out, inputs=inputs)
+    if args.report:
+        check_output(args.report, option="--report", kind="folder", writes=REPORT_FILES,
+                     inputs=[*inputs, (args.out, "the model file this command writes (--out)")])
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise XfeatError(f"--target-recall must be in (0, 1], not {args.target_recall}")
     groups = list_groups(args.cache)

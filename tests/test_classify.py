@@ -22,7 +22,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from xfeat.learn.classifiers import (CLASSIFIERS, FCHead, KNNNormal, LinearSVM, LogReg, Mahalanobis, abnormal_score,
                             balanced_threshold, make_classifier)
 from xfeat.errors import XfeatError
+from xfeat.learn.binary import ROW_BLOCK, by_row_blocks, row_sums
 from xfeat.learn.fc_training import HeadConfig, class_weights, epoch_plan, forward, init_head, train_heads
+from xfeat.learn.threads import one_thread
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -285,3 +287,45 @@ def test_balanced_threshold_known_answers():
     assert balanced_threshold(np.array([0.1, 0.2, 0.3, 0.8, 0.9]), np.array([0, 0, 0, 1, 1])) == pytest.approx(0.55)
     # 0.5 and 2.5 both give balanced accuracy 0.75: the lower cut, catching more abnormal images, wins
     assert balanced_threshold(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0, 1, 0, 1])) == pytest.approx(0.5)
+
+
+# --- row independence (issue 12) ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, params", [("fc", {}), ("svm", {}), ("logreg", {}), ("knn", {}), ("knn", {"scaling": "l2"}),
+                                          ("mahalanobis", {}), ("mahalanobis", {"n_components": 6})])
+def test_a_row_gets_the_same_score_bits_alone_among_others_and_in_any_order(name, params):
+    """docs/screening.md's promise: a row's score does not depend on which rows, how many or in which order are
+    scored with it (a BLAS product's rounding does), so predict reproduces the cache path's scores bitwise.
+    On one BLAS thread, as evaluation and predict score; more rows than one block of ``by_row_blocks``."""
+    X, y = toy(ROW_BLOCK + 60, d=32, seed=8)
+    rng = np.random.default_rng(8)
+    with one_thread():
+        est = fast(name, **params).fit(X[:200], y[:200])
+        together = abnormal_score(est, X)
+        each = np.arange(0, len(X), 7 if name == "fc" else 1)  # the fc head: 7x fewer, each alone costs a block
+        alone = np.concatenate([abnormal_score(est, X[i:i + 1]) for i in each])
+        np.testing.assert_array_equal(alone, together[each])
+        for size in (2, 7, ROW_BLOCK - 1, ROW_BLOCK, ROW_BLOCK + 1, len(X)):
+            rows = rng.permutation(len(X))[:size]
+            np.testing.assert_array_equal(abnormal_score(est, X[rows]), together[rows])
+        if name == "fc":  # flip variants [N, F, D]: scored on the unflipped one, a strided view
+            variants = np.stack([X, X[:, ::-1]], axis=1)
+            np.testing.assert_array_equal(abnormal_score(est, variants), together)
+            np.testing.assert_array_equal(abnormal_score(est, variants[5:6]), together[5:6])
+        if name == "logreg":
+            np.testing.assert_array_equal(est.predict_proba(X[3:4]), est.predict_proba(X)[3:4])
+
+
+def test_row_sums_and_row_blocks_do_not_mix_rows():
+    rng = np.random.default_rng(9)
+    for d in (1, 7, 9, 130, 1000, 9000):  # numpy's pairwise sum: 8 accumulators, halves above 128 terms
+        A = rng.normal(size=(40, d)) * rng.lognormal(0, 3, size=(40, d))
+        sums = row_sums(A)
+        assert all(row_sums(A[i:i + 1])[0] == sums[i] for i in range(len(A)))
+        np.testing.assert_array_equal(row_sums(A[::-1]), sums[::-1])
+    X = rng.normal(size=(2 * ROW_BLOCK + 3, 5))
+    shapes = []
+    result = by_row_blocks(lambda rows: shapes.append(rows.shape) or rows.sum(axis=1), X)
+    np.testing.assert_array_equal(result, X.sum(axis=1))
+    assert set(shapes) == {(ROW_BLOCK, 5)} and len(shapes) == 3
+    assert by_row_blocks(lambda rows: rows[:, 0], X[:0]).shape == (0,)

@@ -9,6 +9,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 
 import xfeat
 from xfeat_cli.main import main
@@ -107,3 +108,19 @@ def test_skipped_report_is_csv_with_every_skipped_file(tmp_path, small_dataset):
         rows = list(csv.DictReader(f))
     assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == ["x.tif", "y.png"]
     assert json.loads((out / "stats.json").read_text())["n_images"] == 8
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "c.h5", "--epochs", "-3"], ["evaluate", "c.h5", "--epochs", "0"], ["evaluate", "c.h5", "--jobs", "0"],
+    ["train", "c.h5", "--out", "m.xfeat", "--epochs", "0"], ["extract", "d", "--cache", "c.h5", "--batch-size", "0"],
+    ["extract", "d", "--cache", "c.h5", "--workers", "-1"], ["predict", "m.xfeat", "a.tif", "--out", "p.csv",
+                                                              "--workers", "-1"],
+    ["convert", "d", "--out", "o", "--jobs", "-1"], ["synth", "o", "--bundles", "0"], ["synth", "o", "--images", "-5"],
+    ["synth", "o", "--seed", "-1"], ["evaluate", "c.h5", "--epochs", "two"],
+])
+def test_a_count_below_its_minimum_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    option = argv[-2]
+    assert f"argument {option}: " in capsys.readouterr().err

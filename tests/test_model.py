@@ -16,6 +16,8 @@ from conftest import write_dataset
 from xfeat_cli.main import main
 from xfeat.learn.evaluation import Configuration, evaluate_configuration
 from xfeat.features.extract import ExtractConfig, extract
+from xfeat.features.reading import load_features
+from xfeat.learn.threads import one_thread
 from xfeat.screening.model import load_model
 from xfeat.screening.model_file import read_model_file
 from xfeat.screening.predict import gather_inputs, predict
@@ -75,6 +77,24 @@ def test_scores_from_raw_images_equal_scores_from_the_cache(tmp_path, extracted)
     assert {r["source"] for r in raw.values()} == {"computed"} and {r["source"] for r in cached.values()} == {"cache"}
     for path in raw:
         assert raw[path]["score"] == cached[path]["score"]  # bitwise: the same text of the same float
+
+
+@pytest.mark.parametrize("clf", ["logreg", "knn"])
+def test_an_image_gets_the_same_score_bits_alone_and_among_others(tmp_path, extracted, clf):
+    """Issue 12: predict scores whatever images it is given together, the cache path a fold's rows; a logistic
+    regression's BLAS product used to round differently with the number of rows."""
+    data, cache = extracted
+    model = load_model(train(cache, tmp_path / "m.xfeat", "--clf", clf))
+    images = gather_inputs([data])
+    together = {p.path: p.score for p in predict(model, images, cache=cache)}
+    assert len(together) == 24
+    for image in images[::-1]:
+        [alone] = predict(model, [image], cache=cache)
+        assert alone.source == "cache" and alone.score == together[alone.path]
+    with one_thread():
+        fs = load_features(cache, backbone="resnet18", method="m2")
+        scores = model.scores(fs.X)
+    assert all(together[str(Path(p).resolve())] == s for p, s in zip(fs.paths, scores))
 
 
 def test_recall_target_holds_and_cleared_share_matches_a_recount(tmp_path, extracted, capsys):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -18,9 +20,10 @@ import numpy as np
 from xfeat.convert.methods import METHODS, convert, to_rgb
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, warn_leaks
 from xfeat.errors import DataError, XfeatError
-from xfeat.io.images import load_image
+from xfeat.io.images import MAX_PIXELS, load_image
 from xfeat.io.atomic import atomic_write, write_bytes
 from xfeat.io.parallel import map_chunks
+from xfeat.convert.scan import scan_dataset
 from xfeat.convert.stats import WindowStats
 
 PREVIEW_HEIGHT = 512
@@ -44,11 +47,12 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
     write_bytes(path, encoded.tobytes())
 
 
-def _convert_chunk(work: Sequence[tuple[Path, Path, str, WindowStats | None]]) -> list[tuple[str, str]]:
+def _convert_chunk(work: Sequence[tuple[Path, Path, str, WindowStats | None]], *, max_pixels: int = MAX_PIXELS
+                   ) -> list[tuple[str, str]]:
     results = []  # (sha256, problem) per image
     for source, target, method, stats in work:
         try:
-            image = load_image(source)
+            image = load_image(source, max_pixels=max_pixels)
             try:
                 converted = convert(image.pixels, method, stats)
             except XfeatError as e:
@@ -61,13 +65,17 @@ def _convert_chunk(work: Sequence[tuple[Path, Path, str, WindowStats | None]]) -
 
 
 def write_converted(dataset: Dataset, method: str, out: str | os.PathLike[str], *, stats: WindowStats | None = None,
-                    jobs: int | None = None, skip_bad: bool = False,
+                    jobs: int | None = None, skip_bad: bool = False, max_pixels: int = MAX_PIXELS,
                     progress: Callable[[int], None] | None = None) -> list[Skipped]:
     """Convert every image with ``method`` and write it under ``out``, mirroring the input tree.
 
     Warns about identical files in two bundles. Returns the files skipped (with ``skip_bad``; otherwise
-    the first bad file raises ``DataError``).
+    the first bad file raises ``DataError``). Every header is read first, so a dataset mixing 8-bit and
+    16-bit images, or an image over ``max_pixels``, stops the run before anything is written.
     """
+    headers = scan_dataset(dataset, jobs=jobs, skip_bad=skip_bad, decode=False, hashes=False, max_pixels=max_pixels)
+    refused = list(headers.skipped[len(dataset.skipped):])
+    dataset = replace(dataset, records=headers.records)
     targets = [output_path(out, r) for r in dataset.records]
     if len(set(targets)) != len(targets):
         seen: dict[Path, ImageRecord] = {}
@@ -76,9 +84,9 @@ def write_converted(dataset: Dataset, method: str, out: str | os.PathLike[str], 
                 raise DataError(record.path, f"would overwrite the output of {seen[target].path} ({target})")
             seen[target] = record
     work = [(r.path, t, method, stats) for r, t in zip(dataset.records, targets)]
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = refused
     hashes: list[str] = []
-    for chunk, results in map_chunks(_convert_chunk, work, jobs=jobs):
+    for chunk, results in map_chunks(partial(_convert_chunk, max_pixels=max_pixels), work, jobs=jobs):
         for (source, *_), (sha256, problem) in zip(chunk, results):
             if problem and not skip_bad:
                 raise DataError(source, problem)

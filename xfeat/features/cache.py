@@ -10,19 +10,29 @@ Layout (documented in docs/cache-format.md)::
         fc_bias    float32 [1000]
         path, relpath, bundle: strings [N];  label int8 [N] (1 = abnormal);  sha256 [N];  height, width [N]
 
+Integrity: every dataset carries HDF5's Fletcher32 checksum on each chunk (strings are fixed-width UTF-8 so
+that they sit in checksummed chunks too: variable-length strings live in HDF5's global heap, which no filter
+covers and whose damage can hang the HDF5 library). Readers check what they read; a damaged chunk is a
+``CacheError`` naming the dataset and its rows, and ``extract`` recomputes the rows instead of calling them
+cached. Caches written before gain the checksums at their next commit.
+
 Crash safety: the cache file is never modified in place. A run appends each computed batch to a journal
 folder beside it (``CACHE.journal/``, one file per batch, each written to a temporary name and renamed);
 a commit copies the cache, merges the journal into the copy and renames the copy over the cache. A kill at
 any moment leaves the last committed cache intact and every finished batch in the journal, which the next
-run merges first. A lock file (``CACHE.lock``) keeps a second writer out.
+run merges first; a batch that cannot be read or does not fit its group is discarded with a warning, never
+blocking the others. A lock file (``CACHE.lock``) keeps a second writer out. A cache path that is a symlink
+is resolved first, so the lock, the journal and the temporary sit beside the real file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +42,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from xfeat import __version__
-from xfeat.errors import XfeatError
+from xfeat.errors import XfeatError, XfeatWarning
 from xfeat.io.atomic import atomic_write, replacing
 from xfeat.convert.stats import WindowStats
 
@@ -42,6 +52,14 @@ FLIPS = ("none", "h", "v", "hv")
 STR = h5py.string_dtype("utf-8")
 SHA = "S64"
 ROW_FIELDS = ("path", "relpath", "bundle", "label", "sha256", "height", "width")
+ROW_DATASETS = ("pool", *ROW_FIELDS)
+TEXT_FIELDS = ("path", "relpath", "bundle")
+POOL_CHUNK_ROWS = 16
+META_CHUNK_ROWS = 256
+MIN_TEXT_WIDTH = 64  # bytes; a wider value widens the dataset (to a power of two, always leaving one pad byte)
+SLAB_BYTES = 64 << 20  # checked reads go slab by slab: a large pool is verified without being held in memory
+REPAIR_HINT = "run xfeat extract again to recompute, or xfeat info --verify"
+_READ_ERRORS = (OSError, RuntimeError, ValueError)  # what h5py raises for a chunk or heap it cannot read
 
 
 def _now() -> str:
@@ -149,6 +167,214 @@ def stored_window_stats(f: h5py.File) -> WindowStats | None:
     return WindowStats.from_dict(json.loads(text)) if text else None
 
 
+def cache_path(path: str | os.PathLike[str]) -> Path:
+    """The file a cache path names. A symlink is resolved: the lock, the journal and a commit's temporary must
+    sit beside the real file, or two runs through two names would not exclude each other (and the commit's
+    rename would replace the link by a copy)."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
+# -- integrity ------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Damage:
+    """A dataset that failed a check: what failed and which rows it makes unusable."""
+
+    dataset: str  # HDF5 name, e.g. features/resnet18/m2/64x32/pool
+    problem: str
+    rows: np.ndarray | None = None  # row indices; None for datasets that are not per image (fc_weight, fc_bias)
+
+    def describe(self) -> str:
+        return f"{self.dataset}{_rows_text(self.rows)}: {self.problem}"
+
+
+def _rows_text(rows: np.ndarray | None) -> str:
+    if rows is None or not len(rows):
+        return ""
+    rows = np.unique(rows)
+    breaks = np.flatnonzero(np.diff(rows) != 1)
+    spans = [f"{a}" if a == b else f"{a}-{b}"
+             for a, b in zip(np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]])]
+    more = f" and {len(spans) - 3} more ranges" if len(spans) > 3 else ""
+    return f" rows {', '.join(spans[:3])}{more}"
+
+
+def damage_error(cache: str | os.PathLike[str], damages: Sequence[Damage]) -> CacheError:
+    """The one-line error a reader raises for damaged data."""
+    more = f" (and {len(damages) - 1} more damaged datasets)" if len(damages) > 1 else ""
+    return CacheError(f"{cache}: {damages[0].describe()}{more}; {REPAIR_HINT}")
+
+
+def _slice(ds: h5py.Dataset, a: int, b: int, column: int | None) -> np.ndarray:
+    return ds[a:b] if column is None else ds[a:b, column]
+
+
+def _read_checked(ds: h5py.Dataset, column: int | None = None, keep: bool = True,
+                  check: Callable[[np.ndarray], np.ndarray] | None = None, span: tuple[int, int] | None = None
+                  ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Read a per-row dataset (``column``: one index of axis 1; ``span``: rows a..b, chunk-aligned) slab by
+    slab, so that HDF5 verifies every chunk without the whole dataset in memory.
+
+    Returns (data or None, unreadable, implausible) for the rows read: rows of a chunk HDF5 cannot read
+    (Fletcher32 mismatch, or damage it notices) are flagged and read as zeros; ``check(block)`` flags rows
+    whose values are impossible. A slab that fails is read again chunk by chunk to name the damaged rows."""
+    first, end = span or (0, ds.shape[0])
+    step = ds.chunks[0] if ds.chunks else max(end, 1)
+    row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+    slab = max(step, SLAB_BYTES // row_bytes // step * step)
+    unreadable, implausible = np.zeros(end - first, bool), np.zeros(end - first, bool)
+    parts = []
+    for a in range(first, end, slab):
+        b = min(end, a + slab)
+        try:
+            block = _slice(ds, a, b, column)
+        except _READ_ERRORS:
+            pieces = []
+            for c in range(a, b, step):
+                d = min(b, c + step)
+                try:
+                    pieces.append(_slice(ds, c, d, column))
+                except _READ_ERRORS:
+                    unreadable[c - first:d - first] = True
+                    shape = (d - c, *(ds.shape[1:] if column is None else ds.shape[2:]))
+                    pieces.append(np.full(shape, b"", object) if ds.dtype.kind == "O" else np.zeros(shape, ds.dtype))
+            block = np.concatenate(pieces)
+        if check is not None:
+            implausible[a - first:b - first] = check(block) & ~unreadable[a - first:b - first]
+        if keep:
+            parts.append(block)
+    data = (np.concatenate(parts) if parts else _slice(ds, 0, 0, column)) if keep else None
+    return data, unreadable, implausible
+
+
+def _text(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode UTF-8 values; flags values that are not UTF-8, and fixed-width values that fill their whole width
+    (xfeat always leaves a pad byte: a full value was cut short by an older writer)."""
+    bad = np.zeros(len(raw), bool)
+    if raw.dtype.kind == "S" and len(raw):
+        bad |= raw.view(np.uint8).reshape(len(raw), raw.dtype.itemsize)[:, -1] != 0
+    values = []
+    for i, v in enumerate(raw.tolist()):
+        try:
+            values.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
+        except UnicodeDecodeError:
+            bad[i] = True
+            values.append("")
+    return np.array(values, dtype=str) if values else np.array([], dtype=str), bad
+
+
+def _sha(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SHA-256 hex digests; flags values that are not 64 lowercase hex digits."""
+    if not len(raw):
+        return raw.astype(str), np.zeros(0, bool)
+    v = np.ascontiguousarray(raw, dtype="S64").view(np.uint8).reshape(len(raw), 64)
+    bad = ~(((v >= 48) & (v <= 57)) | ((v >= 97) & (v <= 102))).all(axis=1)
+    return np.where(bad, b"", raw).astype(str), bad
+
+
+def _path(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, bad = _text(raw)
+    return values, bad | (np.char.str_len(values) == 0)
+
+
+_CHECKS: dict[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
+    "path": _path,
+    "relpath": _text,
+    "bundle": _text,
+    "label": lambda raw: (raw.astype(np.int64), ~np.isin(raw, (0, 1))),
+    "sha256": _sha,
+    "height": lambda raw: (raw, raw < 1),
+    "width": lambda raw: (raw, raw < 1),
+}
+
+
+def nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    """Rows holding a NaN or an infinity."""
+    return ~np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
+
+
+def scan_group(group: h5py.Group, names: Sequence[str] = ROW_DATASETS, *, fc: bool = False,
+               flip: int | None = None, keep_pool: bool = False
+               ) -> tuple[dict[str, np.ndarray], np.ndarray, list[Damage]]:
+    """Read and check the per-row datasets ``names`` of a group (and with ``fc`` its fc_weight, fc_bias).
+
+    Returns the columns read (text decoded to str; ``pool`` only with ``keep_pool``, one flip variant with
+    ``flip``), a mask of the rows any check rejected, and one ``Damage`` per failing check. A dataset without
+    checksums (a cache written before them) is checked for impossible values only.
+    """
+    key = group.name.lstrip("/")
+    damages: list[Damage] = []
+    lengths: dict[str, int] = {}
+    lost = []
+    for name in dict.fromkeys(("path", *names)):
+        try:
+            lengths[name] = group[name].shape[0]
+        except (*_READ_ERRORS, KeyError):
+            lost.append(name)
+    n = lengths.get("path", max(lengths.values(), default=0))
+    bad = np.full(n, bool(lost))
+    damages.extend(Damage(f"{key}/{name}", "missing or unreadable (damaged file)", np.arange(n)) for name in lost)
+    columns: dict[str, np.ndarray] = {}
+    for name in names:
+        if name not in lengths:
+            continue
+        if lengths[name] != n:
+            damages.append(Damage(f"{key}/{name}", f"holds {lengths[name]} rows where path holds {n} (damaged file)",
+                                  np.arange(n)))
+            bad[:] = True
+            continue
+        ds = group[name]
+        if name == "pool":
+            data, unreadable, implausible = _read_checked(ds, flip, keep=keep_pool,
+                                                          check=None if ds.fletcher32 else nonfinite_rows)
+        else:
+            raw, unreadable, _ = _read_checked(ds)
+            data, implausible = _CHECKS[name](raw)
+        implausible &= ~unreadable
+        if unreadable.any():
+            problem = "checksum mismatch (damaged file)" if ds.fletcher32 else "unreadable (damaged file)"
+            damages.append(Damage(f"{key}/{name}", problem, np.flatnonzero(unreadable)))
+        if implausible.any():
+            problem = "non-finite values (damaged file)" if name == "pool" else "impossible values (damaged file)"
+            damages.append(Damage(f"{key}/{name}", problem, np.flatnonzero(implausible)))
+        bad |= unreadable | implausible
+        if data is not None:
+            columns[name] = data
+    for name in names:  # a dataset missing or of the wrong length: placeholders, its rows all flagged above
+        if name not in columns and name != "pool":
+            columns[name] = np.full(n, "") if name in (*TEXT_FIELDS, "sha256") else np.zeros(n, np.int64)
+    if fc:
+        for name in ("fc_weight", "fc_bias"):
+            try:
+                columns[name] = group[name][...]
+            except KeyError:
+                damages.append(Damage(f"{key}/{name}", "missing (damaged file)"))
+            except _READ_ERRORS:
+                damages.append(Damage(f"{key}/{name}", "checksum mismatch (damaged file)"))
+    return columns, bad, damages
+
+
+def bad_journal_batches(path: str | os.PathLike[str]) -> list[Path]:
+    """Journal batches beside a cache that the next commit would discard (unreadable, or not fitting)."""
+    real = cache_path(path)
+    journal = Path(f"{real}.journal")
+    batches = sorted(p for p in journal.glob("*.npz") if p.stem.isdigit()) if journal.exists() else []
+    if not batches:
+        return []
+    with open_cache(real) as f:
+        return [b for b in batches if _load_batch(f, b) is None]
+
+
+def lacks_checksums(group: h5py.Group) -> bool:
+    """True for a group written before checksums (no Fletcher32, variable-length strings)."""
+    for name in (*ROW_DATASETS, "fc_weight", "fc_bias"):
+        if name in group:
+            ds = group[name]
+            if ds.dtype.kind == "O" or not ds.fletcher32:
+                return True
+    return False
+
+
 class CacheWriter:
     """The single writer of a cache during one run: lock, journal, atomic commits.
 
@@ -157,10 +383,12 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = cache_path(path)
         self.journal = Path(f"{self.path}.journal")
         self._lock = FileLock(f"{self.path}.lock", timeout=0)
         self._next_batch = 0
+        # group key -> rows found damaged: the next commit rewrites the group without them (and with checksums)
+        self._damaged: dict[str, np.ndarray] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
@@ -171,6 +399,9 @@ class CacheWriter:
         except Timeout:
             raise CacheError(f"{self.path}: another xfeat process is writing this cache; "
                              "wait for it to finish (or remove the stale lock file if none is running)") from None
+        except OSError as e:
+            raise CacheError(f"{self.path}: cannot write in folder {self.path.parent} "
+                             f"({e.strerror or e}): the lock file cannot be created") from None
         try:
             if self.path.exists():
                 with open_cache(self.path):
@@ -185,6 +416,9 @@ class CacheWriter:
                 stale.unlink()
             self._next_batch = max((int(p.stem) for p in self._journal_files()), default=-1) + 1
             self.commit()
+        except OSError as e:
+            self._lock.release()
+            raise CacheError(f"{self.path}: cannot write in folder {self.path.parent} ({e.strerror or e})") from None
         except BaseException:
             self._lock.release()
             raise
@@ -204,16 +438,39 @@ class CacheWriter:
             return stored_window_stats(f)
 
     def cached_images(self, key: str) -> dict[str, tuple[str, str, str, int]]:
-        """path -> (sha256, relpath, bundle, label) of the rows a group holds (empty for a new group)."""
+        """path -> (sha256, relpath, bundle, label) of the rows a group holds (empty for a new group).
+
+        Every row is checked (features included): a damaged row is not cached. Its images are left for the
+        run to recompute, the next commit drops the damaged rows, and a warning names each damaged dataset.
+        """
         if not self.path.exists():
             return {}
         with open_cache(self.path) as f:
             if key not in f:
                 return {}
-            group = f[key]
-            return {p: (s, r, b, int(lab)) for p, s, r, b, lab in zip(
-                group["path"].asstr()[:], group["sha256"][:].astype(str), group["relpath"].asstr()[:],
-                group["bundle"].asstr()[:], group["label"][:])}
+            try:
+                c, bad, damages = scan_group(f[key])
+                unsealed = lacks_checksums(f[key])
+            except _READ_ERRORS as e:
+                raise CacheError(f"{self.path}: {key}: unreadable HDF5 structure ({_first_line(e)}) (damaged file); "
+                                 "restore a copy, or move it away and extract again") from None
+        if damages or unsealed:
+            self._damaged[key] = bad
+            self._warn_damage(damages)
+        return {p: (s, r, b, int(lab)) for p, s, r, b, lab, broken in zip(
+            c["path"], c["sha256"], c["relpath"], c["bundle"], c["label"], bad) if not broken}
+
+    def _warn_damage(self, damages: Sequence[Damage]) -> None:
+        for d in damages:
+            name = d.dataset.rsplit("/", 1)[-1]
+            if d.rows is None:
+                consequence = "rewritten from the backbone's weights"
+            elif name == "pool":
+                consequence = "these rows are dropped and their images recomputed"
+            else:
+                consequence = ("the group cannot say which images these rows hold: they are dropped and their "
+                               "images recomputed")
+            warnings.warn(f"{self.path}: {d.describe()}; {consequence}", XfeatWarning, stacklevel=3)
 
     # -- writing ---------------------------------------------------------------------------------
     def prepare(self, groups: Sequence[GroupSettings], fc: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -222,10 +479,15 @@ class CacheWriter:
         settings: a group computed differently, or statistics other than the stored ones, stop the run."""
         existing = {}
         stored_stats = None
+        fc_damage: dict[str, list[Damage]] = {}
         if self.path.exists():
             with open_cache(self.path) as f:
                 stored_stats = stored_window_stats(f)
                 existing = {g.key: GroupSettings.from_attrs(f[g.key].attrs) for g in groups if g.key in f}
+                for key in existing:  # the fc layer is the backbone's: a damaged copy is rewritten from it
+                    damages = scan_group(f[key], (), fc=True)[2]
+                    if damages:
+                        fc_damage[key] = damages
         for g in groups:
             if g.key in existing and existing[g.key] != g:
                 diffs = g.differences(existing[g.key])
@@ -237,8 +499,11 @@ class CacheWriter:
             raise CacheError(f"{self.path}: holds features converted with the window {stored_stats.g_min}.."
                              f"{stored_stats.g_max}, not {stats.g_min}..{stats.g_max}; use another cache file")
         new = [g for g in groups if g.key not in existing]
-        if not new and (stats is None or stored_stats is not None) and self.path.exists():
+        refresh = [g for g in groups if g.key in fc_damage]
+        if not new and not refresh and (stats is None or stored_stats is not None) and self.path.exists():
             return
+        for g in refresh:
+            self._warn_damage(fc_damage[g.key])
 
         def create(f: h5py.File) -> None:
             if stats is not None and stored_stats is None:
@@ -246,6 +511,8 @@ class CacheWriter:
                 f.attrs["g_min"], f.attrs["g_max"] = stats.g_min, stats.g_max
             for g in new:
                 _create_group(f, g, *fc[g.backbone])
+            for g in refresh:
+                _write_fc(f[g.key], *fc[g.backbone])
 
         self._rewrite(create)
 
@@ -266,27 +533,91 @@ class CacheWriter:
         self._next_batch += 1
 
     def commit(self) -> None:
-        """Merge the journal into a copy of the cache and put the copy in its place atomically."""
+        """Merge the journal into a copy of the cache and put the copy in its place atomically.
+
+        A batch that cannot be read or does not fit its group is discarded with a warning (its images are
+        recomputed by the next run) and never blocks the others; rows found damaged are dropped.
+        """
         batches = self._journal_files()
-        if not batches:
+        if not batches and not self._damaged:
             return
-        self._rewrite(lambda f: [_merge_batch(f, batch) for batch in batches])
+        discarded: list[Path] = []
+        while True:
+            good = [b for b in batches if b not in discarded]
+            try:
+                self._rewrite(lambda f: _merge_journal(f, good, discarded))
+                break
+            except _BadBatch as e:  # it failed half-way into the copy: start again from the committed cache
+                discarded.append(e.batch)
+                _warn_discarded(e.batch)
+            except _DamagedGroup as e:  # a merge touched a damaged chunk: find the damage, drop it, start again
+                self._locate_damage(e)
         for batch in batches:  # only after the new cache is in place: a kill here just merges them again
-            batch.unlink()
+            batch.unlink(missing_ok=True)
+
+    def _locate_damage(self, e: "_DamagedGroup") -> None:
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else OSError(str(e.__cause__))
+        if e.key in self._damaged:
+            raise CacheError(self._write_failure(cause)) from None
+        with open_cache(self.path) as f:
+            _, bad, damages = scan_group(f[e.key])
+        if not damages:  # not damage: a write that failed (a full disk)
+            raise CacheError(self._write_failure(cause)) from None
+        self._damaged[e.key] = bad
+        self._warn_damage(damages)
 
     def _journal_files(self) -> list[Path]:
-        return sorted(self.journal.glob("*.npz")) if self.journal.exists() else []
+        if not self.journal.exists():
+            return []
+        return sorted(p for p in self.journal.glob("*.npz") if p.stem.isdigit())
 
-    def _rewrite(self, change) -> None:
+    def _write_failure(self, e: OSError) -> str:
+        """One line for a commit that could not write: what failed, and that nothing was lost."""
+        text = str(e)
+        if e.errno == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+            reason = f"no space left on the device of {self.path.parent}"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or any(
+                s in text for s in ("errno = 13", "errno = 30", "Permission denied", "Read-only")):
+            reason = f"cannot write in folder {self.path.parent} ({e.strerror or 'permission denied'})"
+        else:
+            reason = e.strerror or _first_line(e)
+        kept = (f"; the computed batches stay in {self.journal} and the next run merges them"
+                if self._journal_files() else "")
+        return f"{self.path}: commit failed: {reason}; the last committed cache is intact{kept}"
+
+    def _rebuild_plan(self) -> dict[str, np.ndarray]:
+        """Groups the next commit rewrites, with the rows it keeps: groups with damaged rows (dropped), and
+        groups written before checksums (checked for impossible values first, then sealed with checksums)."""
+        if not self.path.exists():
+            return {}
+        plan = {}
+        with open_cache(self.path) as f:
+            for group in _settings_groups(f):
+                key = group.name.lstrip("/")
+                if key not in self._damaged and lacks_checksums(group):  # checked once, even if the commit retries
+                    _, self._damaged[key], damages = scan_group(group)
+                    self._warn_damage(damages)
+                if key in self._damaged:
+                    plan[key] = ~self._damaged[key]
+        return plan
+
+    def _rewrite(self, change: Callable[[h5py.File], object]) -> None:
         with replacing(self.path) as tmp:
-            if self.path.exists():
-                shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a") as f:
-                if not f.attrs.get("format"):
-                    f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
-                    f.attrs["created"] = _now()
-                change(f)
-                f.attrs["xfeat_version"], f.attrs["updated"] = __version__, _now()
+            try:
+                rebuild = self._rebuild_plan()
+                if rebuild:
+                    _copy_rebuilding(self.path, tmp, rebuild)
+                elif self.path.exists():
+                    shutil.copyfile(self.path, tmp)  # inside replacing: a failed copy leaves no temporary
+                with h5py.File(tmp, "a") as f:
+                    if not f.attrs.get("format"):
+                        f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
+                        f.attrs["created"] = _now()
+                    change(f)
+                    f.attrs["xfeat_version"], f.attrs["updated"] = __version__, _now()
+            except OSError as e:
+                raise CacheError(self._write_failure(e)) from None
+        self._damaged.clear()
 
 
 def _create_group(f: h5py.File, g: GroupSettings, fc_weight: np.ndarray, fc_bias: np.ndarray) -> None:
@@ -295,21 +626,213 @@ def _create_group(f: h5py.File, g: GroupSettings, fc_weight: np.ndarray, fc_bias
     group.attrs["created"] = _now()
     group.attrs["random_weights"] = g.weights_kind == "none"
     group.attrs["flip_order"] = "none: as stored; h: left-right; v: up-down; hv: both"
-    chunk = (16, g.n_flips, g.feature_dim)
-    group.create_dataset("pool", shape=(0, g.n_flips, g.feature_dim), maxshape=(None, g.n_flips, g.feature_dim),
-                         dtype="f4", chunks=chunk)
-    group.create_dataset("fc_weight", data=np.asarray(fc_weight, dtype=np.float32))
-    group.create_dataset("fc_bias", data=np.asarray(fc_bias, dtype=np.float32))
-    for name, dtype in (("path", STR), ("relpath", STR), ("bundle", STR), ("label", "i1"), ("sha256", SHA),
-                        ("height", "i4"), ("width", "i4")):
-        group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+    _row_dataset(group, "pool", "f4", (g.n_flips, g.feature_dim))
+    _write_fc(group, fc_weight, fc_bias)
+    for name in ROW_FIELDS:
+        _row_dataset(group, name, _row_dtype(name))
 
 
-def _merge_batch(f: h5py.File, batch: Path) -> None:
-    with np.load(batch, allow_pickle=False) as data:
-        for i, key in enumerate(data["keys"]):
-            names = [n for n in ("features", *ROW_FIELDS) if f"{i}.{n}" in data.files]
-            _merge_rows(f[str(key)], {name: data[f"{i}.{name}"] for name in names})
+def _row_dtype(name: str, width: int = MIN_TEXT_WIDTH):
+    return {"label": "i1", "sha256": SHA, "height": "i4", "width": "i4"}.get(name) or h5py.string_dtype("utf-8", width)
+
+
+def _row_dataset(group: h5py.Group, name: str, dtype, trailing: tuple[int, ...] = (),
+                 data: np.ndarray | None = None) -> h5py.Dataset:
+    """A per-row dataset, growable along rows, chunked, each chunk with a Fletcher32 checksum."""
+    rows = POOL_CHUNK_ROWS if name == "pool" else META_CHUNK_ROWS
+    n = 0 if data is None else len(data)
+    ds = group.create_dataset(name, shape=(n, *trailing), maxshape=(None, *trailing), dtype=dtype,
+                              chunks=(rows, *trailing), fletcher32=True)
+    if n:
+        ds[:] = data
+    return ds
+
+
+def _write_fc(group: h5py.Group, fc_weight: np.ndarray, fc_bias: np.ndarray) -> None:
+    for name, value in (("fc_weight", fc_weight), ("fc_bias", fc_bias)):
+        if name in group:
+            del group[name]
+        group.create_dataset(name, data=np.asarray(value, dtype=np.float32), fletcher32=True)
+
+
+def _text_width(longest: int) -> int:
+    """A power of two above the longest value: one pad byte at least, so a value filling its width is damage."""
+    return max(MIN_TEXT_WIDTH, 1 << int(longest).bit_length())
+
+
+def _encode_text(group: h5py.Group, name: str, values: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes in the dataset's fixed width, widening the dataset when a value needs it."""
+    ds = group[name]
+    if ds.dtype.kind == "O":  # variable-length strings (a group not yet sealed with checksums)
+        return values.astype(object)
+    encoded = np.char.encode(values.astype(str), "utf-8")
+    longest = max((len(v) for v in encoded.tolist()), default=0)
+    if longest >= ds.dtype.itemsize:
+        data = ds[...]
+        del group[name]
+        ds = _row_dataset(group, name, _row_dtype(name, _text_width(longest)))
+        ds.resize(len(data), axis=0)
+        if len(data):
+            ds[:] = data.astype(ds.dtype)
+    return encoded.astype(ds.dtype)
+
+
+def _settings_groups(f: h5py.File) -> list[h5py.Group]:
+    """The groups under /features that carry settings (a timm backbone nests one level deeper)."""
+    found: list[h5py.Group] = []
+    if "features" in f:
+        f["features"].visititems(
+            lambda _, item: found.append(item) if isinstance(item, h5py.Group) and "backbone" in item.attrs else None)
+    return found
+
+
+def _copy_attrs(src, dst) -> None:
+    for k, v in src.attrs.items():
+        dst.attrs[k] = v
+
+
+def _copy_rebuilding(src_path: Path, dst_path: Path, plan: dict[str, np.ndarray]) -> None:
+    """Write ``dst_path`` as a copy of the cache in which the groups of ``plan`` are rewritten with only the rows
+    kept and with checksums; the other groups are copied as stored (their chunks and checksums unchanged).
+
+    A fresh file rather than a byte copy: datasets deleted inside an HDF5 file leave their space behind."""
+    with h5py.File(src_path, "r") as src, h5py.File(dst_path, "w") as dst:
+        def copy(source: h5py.Group, target: h5py.Group) -> None:
+            _copy_attrs(source, target)
+            for name, item in source.items():
+                key = item.name.lstrip("/")
+                if isinstance(item, h5py.Group) and key in plan:
+                    _rebuild_group(item, target.create_group(name), plan[key])
+                elif isinstance(item, h5py.Group) and "backbone" not in item.attrs:
+                    copy(item, target.create_group(name))
+                else:
+                    source.copy(item, target, name)
+        copy(src, dst)
+
+
+def _rebuild_group(src: h5py.Group, dst: h5py.Group, keep: np.ndarray) -> None:
+    """Copy a group's rows ``keep`` into ``dst`` with checksums on every dataset and fixed-width strings."""
+    _copy_attrs(src, dst)
+    rows = np.flatnonzero(keep)
+    for name in ROW_DATASETS:
+        if name not in src:  # lost (so every row was flagged): it starts again empty, as in a new group
+            settings = GroupSettings.from_attrs(src.attrs)
+            trailing = (settings.n_flips, settings.feature_dim) if name == "pool" else ()
+            _row_dataset(dst, name, "f4" if name == "pool" else _row_dtype(name), trailing)
+    for name, item in src.items():
+        if name in ("fc_weight", "fc_bias") and not item.fletcher32:
+            try:
+                dst.create_dataset(name, data=item[...], fletcher32=True)
+                continue
+            except _READ_ERRORS:
+                pass
+        if name not in ROW_DATASETS:  # fc layers (a damaged one stays damaged: prepare rewrites it), unknown
+            src.copy(item, dst, name)
+            continue
+        if name in TEXT_FIELDS:
+            raw = _read_checked(item)[0][rows]
+            values = [v if isinstance(v, bytes) else str(v).encode() for v in raw.tolist()]
+            dtype = _row_dtype(name, _text_width(max(map(len, values), default=0)))
+            _row_dataset(dst, name, dtype, data=np.array(values, dtype=dtype) if values else None)
+            continue
+        target = _row_dataset(dst, name, _row_dtype(name) if name != "pool" else "f4", item.shape[1:])
+        step = POOL_CHUNK_ROWS * 256
+        for a in range(0, item.shape[0], step):  # slab by slab: a large pool is never held whole
+            b = min(item.shape[0], a + step)
+            wanted = rows[(rows >= a) & (rows < b)] - a
+            if len(wanted):
+                block = _read_checked(item, span=(a, b))[0]
+                n = target.shape[0]
+                target.resize(n + len(wanted), axis=0)
+                target[n:] = block[wanted]
+
+
+class _BadBatch(Exception):
+    """A journal batch that failed while being merged."""
+
+    def __init__(self, batch: Path) -> None:
+        super().__init__(str(batch))
+        self.batch = batch
+
+
+class _DamagedGroup(Exception):
+    """A merge that failed reading or writing a group's chunks: damage, or a write that failed."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _warn_discarded(batch: Path) -> None:
+    warnings.warn(f"{batch}: unreadable or inconsistent batch discarded; its images will be recomputed",
+                  XfeatWarning, stacklevel=4)
+
+
+def _merge_journal(f: h5py.File, batches: Sequence[Path], discarded: list[Path]) -> None:
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for batch in batches:
+        rows_by_key = _load_batch(f, batch, shapes)
+        if rows_by_key is None:
+            discarded.append(batch)
+            _warn_discarded(batch)
+            continue
+        for key, rows in rows_by_key.items():
+            try:
+                _merge_rows(f[key], rows)
+            except OSError as e:
+                raise _DamagedGroup(key) from e
+            except Exception as e:
+                raise _BadBatch(batch) from e
+
+
+def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[int, ...] | None] | None = None
+                ) -> dict[str, dict[str, np.ndarray]] | None:
+    """A journal batch's rows per group, or None when it cannot be read or does not fit the cache: a zip it
+    cannot read, a group the cache lacks, row counts that differ between features and metadata, features of
+    another shape than the group's. ``shapes`` caches each group's feature shape (None: no such group)."""
+    shapes = {} if shapes is None else shapes
+    try:
+        with open(batch, "rb") as fh, np.load(fh, allow_pickle=False) as data:
+            keys = data["keys"]
+            if keys.ndim != 1 or keys.dtype.kind != "U":
+                return None
+            loaded = {}
+            for i, key in enumerate(keys.tolist()):
+                if key not in shapes:
+                    shapes[key] = f[key]["pool"].shape[1:] if key in f and "pool" in f[key] else None
+                if key in loaded or shapes[key] is None:
+                    return None
+                rows = {n: data[f"{i}.{n}"] for n in ("features", *ROW_FIELDS) if f"{i}.{n}" in data.files}
+                if not _batch_rows_fit(rows, shapes[key]):
+                    return None
+                loaded[key] = rows
+            return loaded
+    except Exception:  # a damaged zip raises BadZipFile, EOFError, ValueError, zlib.error, OSError, KeyError...
+        return None
+
+
+def _batch_rows_fit(rows: dict[str, np.ndarray], sample_shape: tuple[int, ...]) -> bool:
+    if not all(n in rows for n in ("path", "relpath", "bundle", "label")):
+        return False
+    k = len(rows["path"])
+    if any(v.ndim != 1 or len(v) != k for n, v in rows.items() if n != "features"):
+        return False
+    if any(rows[n].dtype.kind != "U" for n in TEXT_FIELDS) or rows["label"].dtype.kind not in "iub":
+        return False
+    if not np.isin(rows["label"], (0, 1)).all():
+        return False
+    if "features" in rows:
+        features = rows["features"]
+        if features.dtype != np.float32 or features.shape != (k, *sample_shape):
+            return False
+        if not all(n in rows for n in ("sha256", "height", "width")) or rows["sha256"].dtype.kind != "U":
+            return False
+        return bool(len(rows["sha256"]) == 0 or set(np.char.str_len(rows["sha256"]).tolist()) == {64})
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _merge_rows(group: h5py.Group, rows: dict[str, np.ndarray]) -> None:
@@ -321,6 +844,10 @@ def _merge_rows(group: h5py.Group, rows: dict[str, np.ndarray]) -> None:
     if "features" not in rows:  # metadata updates apply to rows already there, never create rows
         known = np.array([p in index for p in rows["path"]], dtype=bool)
         rows = {k: v[known] for k, v in rows.items()}
+    _, last = np.unique(rows["path"][::-1], return_index=True)
+    if len(last) < len(rows["path"]):  # one file twice in a batch (e.g. reached through a symlink): keep the last
+        kept = np.sort(len(rows["path"]) - 1 - last)
+        rows = {k: v[kept] for k, v in rows.items()}
     start = n = group["path"].shape[0]
     positions = []
     for p in rows["path"]:
@@ -332,8 +859,8 @@ def _merge_rows(group: h5py.Group, rows: dict[str, np.ndarray]) -> None:
     values = {k: rows[k] for k in ROW_FIELDS if k in rows}
     if "sha256" in values:
         values["sha256"] = values["sha256"].astype(SHA)
-    for name in ("path", "relpath", "bundle"):
-        values[name] = values[name].astype(object)
+    for name in TEXT_FIELDS:
+        values[name] = _encode_text(group, name, values[name])
     if "features" in rows:
         values["pool"] = rows["features"]
     appended = positions >= start  # new rows come in order, so they fill start..n in one slice
@@ -342,6 +869,6 @@ def _merge_rows(group: h5py.Group, rows: dict[str, np.ndarray]) -> None:
         dataset.resize(n, axis=0)
         if appended.any():
             dataset[start:n] = column[appended]
-        for position, value in zip(positions[~appended], column[~appended]):
-            dataset[position] = value
+        for i in np.flatnonzero(~appended):  # one-row slices keep the column's dtype (fixed-width UTF-8)
+            dataset[positions[i]:positions[i] + 1] = column[i:i + 1]
 

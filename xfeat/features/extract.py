@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -27,7 +28,9 @@ from xfeat.features.cache import FLIPS, CacheWriter, GroupSettings, Rows
 from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError
-from xfeat.io.images import load_image
+from xfeat.io.images import MAX_PIXELS, load_image, megapixels
+from xfeat.io.interrupts import workers_ignore_ctrl_c
+from xfeat.io.processes import init_worker, parent_tie
 from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
 from xfeat.convert.scan import Scan, scan_dataset
 from xfeat.convert.stats import WindowStats
@@ -52,6 +55,7 @@ class ExtractConfig:
     workers: int | None = None  # decoding processes; 0 decodes in this process
     jobs: int | None = None  # processes for the statistics pass
     stats: WindowStats | None = None
+    max_pixels: int = MAX_PIXELS  # images (and the input size) declaring more pixels are refused undecoded
 
     def validate(self) -> None:
         if not self.backbones or not self.methods:
@@ -62,6 +66,11 @@ class ExtractConfig:
             raise XfeatError(f"--flips must be 1, 2 or 4, not {self.flips}")
         if min(self.size) < 16:
             raise XfeatError(f"input size {self.size[0]}x{self.size[1]} is too small (at least 16x16)")
+        if self.max_pixels < 1:
+            raise XfeatError(f"--max-pixels must be at least 1, not {self.max_pixels}")
+        if self.size[0] * self.size[1] > self.max_pixels:
+            raise XfeatError(f"input size {self.size[0]}x{self.size[1]} ({megapixels(self.size[0] * self.size[1])} "
+                             f"MP) is over the limit of {megapixels(self.max_pixels)} MP; raise it with --max-pixels")
         if self.batch_size is not None and self.batch_size < 1:
             raise XfeatError("--batch-size must be at least 1")
         if (self.workers is not None and self.workers < 0) or (self.jobs is not None and self.jobs < 0):
@@ -104,8 +113,10 @@ class Work:
 class _ConvertedImages(TorchDataset):
     """Reads one image and gives its conversions for the needed methods, resized: runs in loader workers."""
 
-    def __init__(self, work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None) -> None:
+    def __init__(self, work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, *,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.work, self.size, self.stats = work, size, stats
+        self.max_pixels = max_pixels  # travels to the workers with the object: spawned processes share no globals
         self._payload: str | None = None
 
     def __len__(self) -> int:
@@ -123,17 +134,17 @@ class _ConvertedImages(TorchDataset):
             with os.fdopen(fd, "wb") as f:
                 pickle.dump((self.work, self.stats), f, protocol=pickle.HIGHEST_PROTOCOL)
             weakref.finalize(self, os.unlink, self._payload)
-        return {"size": self.size, "payload": self._payload}
+        return {"size": self.size, "payload": self._payload, "max_pixels": self.max_pixels}
 
     def __setstate__(self, state: dict) -> None:
         with open(state["payload"], "rb") as f:
             self.work, self.stats = pickle.load(f)
-        self.size, self._payload = state["size"], None
+        self.size, self.max_pixels, self._payload = state["size"], state["max_pixels"], None
 
     def __getitem__(self, i: int) -> dict:
         item = self.work[i]
         try:
-            image = load_image(item.record.path)
+            image = load_image(item.record.path, max_pixels=self.max_pixels)
             pixels = {m: _to_input(convert(image.pixels, m, self.stats), self.size) for m in item.methods}
         except XfeatError as e:
             problem = e.problem if isinstance(e, DataError) else str(e)
@@ -153,7 +164,8 @@ def _collate(items: list[dict]) -> list[dict]:
     return items  # stacking happens per method in the main process, where it knows which images need what
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, tie: tuple[int, bool]) -> None:
+    init_worker(*tie)  # die with the parent, leave Ctrl-C to it: a killed run must not leave workers behind
     torch.set_num_threads(1)  # the cores belong to inference; decoding is light
     cv2.setNumThreads(1)
 
@@ -213,7 +225,8 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
     needs_stats = any(m in NEEDS_STATS for m in config.methods)
     stats = config.stats or writer.window_stats()
     # Decoding every image before extraction is only worth it for statistics nobody has yet.
-    scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None)
+    scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None,
+                        max_pixels=config.max_pixels)
     warn_leaks(scan.records, [s.sha256 for s in scan.images])
     if needs_stats and stats is None:
         stats = scan.window_stats()
@@ -265,20 +278,25 @@ def _rows(features: np.ndarray, records: Sequence[ImageRecord], items: Sequence[
 
 
 def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, per_batch: int,
-                  workers: int | None, device: torch.device) -> Iterator[list[dict]]:
+                  workers: int | None, device: torch.device, *, max_pixels: int = MAX_PIXELS
+                  ) -> Iterator[list[dict]]:
     """Batches of decoded, converted, resized images (lists of dicts: ``index`` into ``work``, ``problem``
     ("" when fine), ``sha256``, ``height``, ``width``, ``pixels`` {method: [C, H, W] uint8}), decoded in
-    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference.
+    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference. An image
+    declaring more than ``max_pixels`` pixels is a ``problem``, found from its header before decoding.
 
     A worker process that dies (killed, out of memory) ends the iteration with a one-line XfeatError; what
     the caller has committed stays committed."""
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    loader = DataLoader(_ConvertedImages(work, size, stats), batch_size=per_batch, shuffle=False,
-                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
+    loader = DataLoader(_ConvertedImages(work, size, stats, max_pixels=max_pixels), batch_size=per_batch, shuffle=False,
+                        num_workers=workers, collate_fn=_collate,
+                        # parent_tie() here: iter(loader) below starts the workers from this same thread
+                        worker_init_fn=partial(_worker_init, tie=parent_tie()) if workers else None,
                         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
                         # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
                         multiprocessing_context="spawn" if workers else None)
-    batches = iter(loader)
+    with workers_ignore_ctrl_c():  # iter() starts the workers: Ctrl-C is for this process alone
+        batches = iter(loader)
     while True:
         try:
             batch = next(batches)
@@ -296,7 +314,7 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
              stats: WindowStats | None, device: torch.device, skip_bad: bool, skipped: list,
              progress: Callable[[int], None] | None) -> int:
     per_batch = config.images_per_batch()
-    loader = image_batches(work, config.size, stats, per_batch, config.workers, device)
+    loader = image_batches(work, config.size, stats, per_batch, config.workers, device, max_pixels=config.max_pixels)
     computed = 0
     last_commit = time.monotonic()
     for batch in loader:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import h5py
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from xfeat.features.cache import FLIPS, CacheError, GroupSettings, open_cache, stored_window_stats
+from xfeat.features.cache import (FLIPS, CacheError, GroupSettings, bad_journal_batches, cache_path,
+                                  damage_error, nonfinite_rows, open_cache, scan_group, stored_window_stats)
 from xfeat.errors import XfeatWarning
 from xfeat.convert.stats import WindowStats
 
@@ -100,7 +103,7 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
     """
     if layer not in LAYERS:
         raise CacheError(f"unknown layer {layer!r}; one of {', '.join(LAYERS)}")
-    with open_cache(cache) as f:
+    with open_cache(cache) as f, _structure_errors(cache):
         base = f"features/{backbone}/{method}"
         if base not in f:
             have = sorted({f"{g.attrs['backbone']}/{g.attrs['method']}" for g in _groups(f)})
@@ -122,16 +125,35 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
         if flips != "all" and flips not in stored_flips:
             raise CacheError(f"{cache}: flip {flips!r} not stored; this group holds {', '.join(stored_flips)} "
                              "(or ask for flips='all')")
-        pool = group["pool"][:] if flips == "all" else group["pool"][:, stored_flips.index(flips)]
-        fc_weight, fc_bias = group["fc_weight"][:], group["fc_bias"][:]
+        # Every value read is checked (checksums, impossible values): damage is an error, never a result.
+        c, _, damages = scan_group(group, ("pool", "path", "bundle", "label", "sha256"), fc=True, keep_pool=True,
+                                   flip=None if flips == "all" else stored_flips.index(flips))
+        if damages:
+            raise damage_error(cache, damages)
+        pool, fc_weight, fc_bias = c["pool"], c["fc_weight"], c["fc_bias"]
+        broken = nonfinite_rows(pool)
+        if broken.any():  # they passed the checksum: computed so (the weights, or fp16 overflowing)
+            raise CacheError(f"{cache}: {base}/{size}/pool: non-finite features (NaN or inf) in "
+                             f"{int(broken.sum())} row(s), as computed; check the weights, or extract with "
+                             "--precision fp32")
         X = fc1000(pool, fc_weight, fc_bias) if layer == "fc1000" else pool
-        sha256 = group["sha256"][:].astype(str)
+        sha256 = c["sha256"]
         rows = _latest_per_content(sha256, cache, f"{base}/{size}")
         return FeatureSet(
-            X=X[rows], y=group["label"][:].astype(np.int64)[rows], groups=group["bundle"].asstr()[:].astype(str)[rows],
-            paths=group["path"].asstr()[:].astype(str)[rows], sha256=sha256[rows], layer=layer,
-            flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
+            X=X[rows], y=c["label"][rows], groups=c["bundle"][rows], paths=c["path"][rows], sha256=sha256[rows],
+            layer=layer, flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
             fc_bias=fc_bias, window_stats=stored_window_stats(f))
+
+
+@contextmanager
+def _structure_errors(cache) -> Iterator[None]:
+    """Damage to HDF5's own structures (object headers, chunk indexes) is one line too, not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CacheError(f"{cache}: unreadable HDF5 structure ({first}) (damaged file); restore a copy, or move it "
+                         "away and extract again") from None
 
 
 def _latest_per_content(sha256: np.ndarray, cache, key: str) -> np.ndarray:
@@ -158,6 +180,7 @@ class GroupInfo:
     missing: list[str] = field(default_factory=list)  # dataset images with no features here
     stale: list[str] = field(default_factory=list)  # images whose file changed since extraction
     not_in_dataset: int = 0
+    damage: list[str] = field(default_factory=list)  # "dataset rows: problem" per damaged dataset (rows left out)
 
 
 @dataclass
@@ -168,29 +191,43 @@ class CacheInfo:
     window_stats: WindowStats | None
     groups: list[GroupInfo]
     pending_batches: int  # journal files an interrupted run left; the next extract merges them
+    bad_batches: list[str] = field(default_factory=list)  # with verify: journal files the next extract discards
+
+    @property
+    def damaged(self) -> bool:
+        return any(g.damage for g in self.groups)
 
 
-def describe_cache(cache: str | os.PathLike[str], dataset_hashes: dict[str, str] | None = None) -> CacheInfo:
-    """Summarise a cache; with ``dataset_hashes`` (path -> sha256 of a dataset) also what is missing or stale."""
+def describe_cache(cache: str | os.PathLike[str], dataset_hashes: dict[str, str] | None = None, *,
+                   verify: bool = False) -> CacheInfo:
+    """Summarise a cache; with ``dataset_hashes`` (path -> sha256 of a dataset) also what is missing or stale.
+
+    The per-image datasets read are checked, and damaged rows left out of the counts; ``verify`` also reads
+    and checks every feature (and the journal's batches): what ``xfeat info --verify`` reports.
+    """
     path = Path(cache)
     infos = []
-    with open_cache(path) as f:
+    with open_cache(path) as f, _structure_errors(cache):
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k != "window_stats"}
         stats = stored_window_stats(f)
         for group in _groups(f):
-            paths = group["path"].asstr()[:]
-            hashes = group["sha256"][:].astype(str)
-            counts = Counter(zip(group["bundle"].asstr()[:], group["label"][:].tolist()))
-            info = GroupInfo(GroupSettings.from_attrs(group.attrs), len(paths), dict(sorted(counts.items())))
+            names = ("path", "relpath", "bundle", "label", "sha256", "height", "width") + (("pool",) if verify else ())
+            c, bad, damages = scan_group(group, names, fc=verify)
+            ok = ~bad
+            paths, hashes = c["path"][ok], c["sha256"][ok]
+            counts = Counter(zip(c["bundle"][ok].tolist(), c["label"][ok].tolist()))
+            info = GroupInfo(GroupSettings.from_attrs(group.attrs), len(paths), dict(sorted(counts.items())),
+                             damage=[d.describe() for d in damages])
             if dataset_hashes is not None:
                 held = dict(zip(paths, hashes))
                 info.missing = [p for p in dataset_hashes if p not in held]
                 info.stale = [p for p, h in dataset_hashes.items() if p in held and held[p] != h]
                 info.not_in_dataset = sum(p not in dataset_hashes for p in held)
             infos.append(info)
-    journal = Path(f"{path}.journal")
+    journal = Path(f"{cache_path(path)}.journal")
     pending = len(list(journal.glob("*.npz"))) if journal.exists() else 0
-    return CacheInfo(path, path.stat().st_size, attrs, stats, infos, pending)
+    bad = [str(b) for b in bad_journal_batches(path)] if verify and pending else []
+    return CacheInfo(path, path.stat().st_size, attrs, stats, infos, pending, bad)
 
 
 __all__ = ["FeatureSet", "load_features", "list_groups", "describe_cache", "fc1000", "FLIPS"]

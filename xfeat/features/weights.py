@@ -24,6 +24,7 @@ import re
 import socket
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise XfeatError(f"{path}: weights file not found")
+    if _is_xfeat_model_file(path):
+        raise XfeatError(f"{path}: an xfeat model file, not backbone weights")
     if path.suffix != ".safetensors" and not _looks_like_torch_file(path):
         raise XfeatError(f"{path}: cannot read weights: not a PyTorch (torch.save) or .safetensors file")
     try:
@@ -108,6 +111,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         top = ", ".join(map(str, list(state)[:4])) if isinstance(state, Mapping) else type(state).__name__
         raise XfeatError(f"{path}: not a plain state dict of tensors (it holds: {top}); save model.state_dict()")
     return dict(state)
+
+
+def _is_xfeat_model_file(path: Path) -> bool:
+    """A model file of ``xfeat train`` is a zip, as torch.save writes: told apart by its member ``model.json``
+    (``xfeat.screening.model_file``), so torch does not fail on it with an internal message."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "model.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
 
 
 def _looks_like_torch_file(path: Path) -> bool:

@@ -3,7 +3,8 @@
 Every file xfeat writes (cache, model, predictions, reports, statistics, converted and synthetic images) goes
 through here: the bytes go to a hidden temporary name in the target's folder (same filesystem, so the rename
 is atomic), are flushed to disk, and the temporary is renamed over the target. On any failure, including a
-full disk or Ctrl-C, the temporary is removed and the target is left as it was.
+full disk or Ctrl-C, the temporary is removed and the target is left as it was. An ``OSError`` while writing
+(no space left, a read-only folder) becomes one ``DataError``: ``<target>: cannot write (<reason>)``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from xfeat.errors import DataError
 
 
 @contextmanager
@@ -27,6 +30,11 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        # A full disk or a read-only folder: one line naming the file the user asked for, not the temporary.
+        if e.filename is not None and os.fsdecode(e.filename) not in (str(tmp), str(path)):
+            raise  # about another file (one the writer was reading): its own message names it
+        raise DataError(path, f"cannot write ({e.strerror or e})") from e
     finally:
         tmp.unlink(missing_ok=True)
     _sync_folder(path.parent)

@@ -8,13 +8,18 @@ Two layouts are accepted:
   against the CSV's folder, extra columns (e.g. ``anomaly``) are kept.
 
 Labels are ``normal``/``abnormal``, ``good``/``defect`` or ``0``/``1``, case-insensitive; 1 means abnormal.
+
+A file is one image however many names it has: two entries naming one file (a symbolic or hard link to an
+image already in the dataset, a manifest row repeating another) would be one cache row for two records and
+one image twice in the statistics, so the repeat is dropped with a warning naming both; the file's own name
+wins over a link to it, then the first entry. One file with two labels stops the run.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +61,14 @@ class Dataset:
     source: Path
     records: tuple[ImageRecord, ...]
     skipped: tuple[Skipped, ...] = ()
+
+    def __post_init__(self) -> None:
+        """One record per file: caches key rows by path, so a repeated path would break them (and the counts)."""
+        seen: set[Path] = set()
+        for record in self.records:
+            if record.path in seen:
+                raise DataError(record.path, "listed twice in one dataset; each file is one record")
+            seen.add(record.path)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -102,7 +115,7 @@ def _visible(entries: Iterable[Path]) -> list[Path]:
 
 
 def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Skipped]]:
-    records: list[ImageRecord] = []
+    entries: list[_Entry] = []
     skipped: list[Skipped] = []
     bundle_dirs = [p for p in _visible(root.iterdir()) if p.is_dir()]
     if not bundle_dirs:
@@ -123,12 +136,60 @@ def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Sk
                         raise DataError(path, problem)
                     skipped.append(Skipped(str(path), problem))
                     continue
+                try:
+                    identity = _file_identity(path)
+                except OSError as e:  # e.g. a symbolic link to nothing
+                    problem = f"cannot read file ({e.strerror or e})"
+                    if not skip_bad:
+                        raise DataError(path, problem) from None
+                    skipped.append(Skipped(str(path), problem))
+                    continue
                 relpath = path.relative_to(root).as_posix()
-                records.append(ImageRecord(path=path.resolve(), bundle=bundle_dir.name, label=label, relpath=relpath))
+                record = ImageRecord(path=path.resolve(), bundle=bundle_dir.name, label=label, relpath=relpath)
+                entries.append(_Entry(record, path, identity, str(path), str(path)))
                 found += 1
         if not found:
             raise DataError(bundle_dir, "bundle has no images")
-    return records, skipped
+    entries.sort(key=lambda e: (e.record.bundle, e.record.relpath))  # the dataset's order decides "first"
+    return _one_per_file(entries), skipped
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A record with the name that led to its file, to find and report two names of one file."""
+
+    record: ImageRecord
+    named: Path  # as the folder or manifest names it, symbolic links not resolved
+    identity: object  # equal for two names of one file
+    where: str  # how messages about this entry start
+    ref: str  # how a message about another entry refers to this one
+
+
+def _file_identity(path: Path) -> object:
+    """One value per file whatever its name: device and inode (symbolic and hard links alike), or the resolved
+    path on file systems that report no inodes."""
+    stat = os.stat(path)
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else str(path.resolve())
+
+
+def _one_per_file(entries: Sequence[_Entry]) -> list[ImageRecord]:
+    """The records of ``entries`` (in their order) with every second name of a file dropped, with a warning
+    naming both: the file's own name wins over a symbolic link to it, then the earlier entry. Two labels for
+    one file contradict each other and stop the run (whichever xfeat kept, the other would be lost silently)."""
+    kept: dict[object, _Entry] = {}
+    for entry in sorted(entries, key=lambda e: e.named.is_symlink()):  # stable: otherwise in the given order
+        first = kept.setdefault(entry.identity, entry)
+        if first is entry:
+            continue
+        a, b = first.record, entry.record
+        if a.label != b.label:
+            raise DataError(entry.where, f"the same file as {first.ref}, labelled {LABEL_NAMES[a.label]} there and "
+                                         f"{LABEL_NAMES[b.label]} here; give the file one label")
+        leak = f" (bundles {a.bundle} and {b.bundle}: a leak between folds)" if a.bundle != b.bundle else ""
+        where = f", in bundle {a.bundle}" if leak else ""
+        warnings.warn(f"{entry.where}: the same file as {first.ref}{leak}; counted once{where}", XfeatWarning,
+                      stacklevel=4)
+    return [e.record for e in entries if kept[e.identity] is e]
 
 
 def image_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -137,8 +198,13 @@ def image_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def _files_below(folder: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    """Files below ``folder``, through linked folders too (their images would otherwise be lost silently);
+    a folder already walked is not entered again, so a link to an ancestor cannot loop."""
+    walked: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        walked.add(os.path.realpath(dirpath))
+        dirnames[:] = [d for d in dirnames
+                       if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in walked]
         for name in filenames:
             yield Path(dirpath, name)
 
@@ -146,9 +212,8 @@ def _files_below(folder: Path) -> Iterator[Path]:
 def _read_manifest(manifest: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Skipped]]:
     rows = read_manifest(manifest, MANIFEST_COLUMNS)
     root = manifest.parent
-    records: list[ImageRecord] = []
+    entries: list[_Entry] = []
     skipped: list[Skipped] = []
-    first_line_of: dict[Path, int] = {}
     for row in rows:
         line, values = row.line, row.values
         where = f"{manifest}, line {line}"
@@ -156,9 +221,7 @@ def _read_manifest(manifest: Path, skip_bad: bool) -> tuple[list[ImageRecord], l
             raise DataError(where, "empty path or bundle")
         label = parse_label(values["label"], where)
         path = manifest_path(manifest, values["path"])
-        if path in first_line_of:
-            raise DataError(where, f"{values['path']} is listed twice (lines {first_line_of[path]} and {line})")
-        first_line_of[path] = line
+        named = Path(values["path"]) if Path(values["path"]).is_absolute() else root / values["path"]
         if not path.is_file():
             problem = f"image not found (listed in {manifest}, line {line})"
             if not skip_bad:
@@ -168,23 +231,32 @@ def _read_manifest(manifest: Path, skip_bad: bool) -> tuple[list[ImageRecord], l
         relpath = path.relative_to(root.resolve()).as_posix() if path.is_relative_to(root.resolve()) \
             else f"{values['bundle']}/{LABEL_NAMES[label]}/{path.name}"
         extra = {k: v for k, v in values.items() if k not in MANIFEST_COLUMNS}
-        records.append(ImageRecord(path=path, bundle=values["bundle"], label=label, relpath=relpath, extra=extra))
-    if not records and not skipped:
+        record = ImageRecord(path=path, bundle=values["bundle"], label=label, relpath=relpath, extra=extra)
+        entries.append(_Entry(record, named, _file_identity(path), f"{where} ({values['path']})",
+                              f"line {line} ({values['path']})"))
+    if not entries and not skipped:
         raise DataError(manifest, "manifest lists no images")
-    return records, skipped
+    return _one_per_file(entries), skipped
 
 
 def warn_leaks(records: Iterable[ImageRecord], hashes: Iterable[str]) -> list[tuple[ImageRecord, ImageRecord]]:
-    """Warn about identical image files in two bundles: they leak between leave-one-bundle-out folds.
+    """Warn about identical image files in two bundles (they leak between leave-one-bundle-out folds) or with
+    two labels (a labelling conflict). Copies are separate files, so both stay in the dataset.
 
-    Returns the pairs found (first occurrence, repeat), so callers can report them too.
+    Returns the pairs found in two bundles (first occurrence, repeat), so callers can report them too.
     """
     first: dict[str, ImageRecord] = {}
     leaks = []
     for record, digest in zip(records, hashes):
         seen = first.setdefault(digest, record)
-        if seen is not record and seen.bundle != record.bundle:
+        if seen is record or (seen.bundle == record.bundle and seen.label == record.label):
+            continue
+        message = f"{record.path}: same image content as {seen.path}"
+        if seen.bundle != record.bundle:
             leaks.append((seen, record))
-            warnings.warn(f"{record.path}: same image content as {seen.path} (bundles {seen.bundle} and "
-                          f"{record.bundle}): a leak between folds", XfeatWarning, stacklevel=2)
+            message += f" (bundles {seen.bundle} and {record.bundle}): a leak between folds"
+        if seen.label != record.label:
+            message += (f"{';' if seen.bundle != record.bundle else ','} labelled {LABEL_NAMES[seen.label]} there "
+                        f"and {LABEL_NAMES[record.label]} here: a labelling conflict")
+        warnings.warn(message, XfeatWarning, stacklevel=2)
     return leaks

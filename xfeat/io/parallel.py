@@ -7,7 +7,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from joblib import Parallel, delayed
+from joblib import delayed
+
+from xfeat.io.interrupts import workers_ignore_ctrl_c
+from xfeat.io.processes import tied_parallel
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,5 +40,9 @@ def map_chunks(func: Callable[[Sequence[T]], R], items: Sequence[T], *, jobs: in
         for chunk in chunks:
             yield chunk, func(chunk)
         return
-    results = Parallel(n_jobs=min(jobs, len(chunks)), return_as="generator")(delayed(func)(c) for c in chunks)
+    # Workers die with this process and ignore Ctrl-C (see xfeat.io.processes), also while they start
+    # (xfeat.io.interrupts): the call starts them and dispatches the first chunks, then returns.
+    with workers_ignore_ctrl_c():
+        results = tied_parallel(n_jobs=min(jobs, len(chunks)), return_as="generator")(
+            delayed(func)(c) for c in chunks)
     yield from zip(chunks, results)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import linalg
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
@@ -24,14 +25,21 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from xfeat.errors import XfeatError
-from xfeat.learn.binary import abnormal_score, binary_labels, binary_tags, predict_from_decision
+from xfeat.learn.binary import (abnormal_score, binary_labels, binary_tags, by_row_blocks, predict_from_decision,
+                                row_sums)
 from xfeat.learn.fc_head import FCHead
 
 
 # --- linear baselines ---------------------------------------------------------------------------------------
 
 class _ScaledLinear(ClassifierMixin, BaseEstimator):
-    """StandardScaler + a linear model, fitted together on the training rows (``model_``)."""
+    """StandardScaler + a linear model, fitted together on the training rows (``model_``).
+
+    ``decision_function`` is the pipeline's, with the dot product of each scaled row with the coefficients
+    summed along that row in float64 (``row_sums``) instead of by a BLAS product, whose rounding depends on the
+    number of rows: a row gets the same bits alone or among others. The result keeps the product's dtype
+    (float32 for a logistic regression fitted on float32 features).
+    """
 
     def __sklearn_tags__(self):
         return binary_tags(super().__sklearn_tags__())
@@ -45,7 +53,12 @@ class _ScaledLinear(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
-        return self.model_.decision_function(validate_data(self, X, reset=False))
+        scaled = self.model_[:-1].transform(validate_data(self, X, reset=False))  # elementwise: row by row
+        linear = self.model_[-1]
+        coef = np.asarray(linear.coef_, dtype=np.float64).ravel()
+        dot = by_row_blocks(lambda rows: row_sums(rows * coef), scaled)  # float32 x float32 products are exact
+        dtype = np.result_type(scaled.dtype, linear.coef_.dtype, linear.intercept_.dtype)
+        return (dot + linear.intercept_).astype(dtype, copy=False)
 
     def predict(self, X) -> np.ndarray:
         return predict_from_decision(self, X)
@@ -83,8 +96,9 @@ class LogReg(_ScaledLinear):
         return LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
 
     def predict_proba(self, X) -> np.ndarray:
-        check_is_fitted(self)
-        return self.model_.predict_proba(validate_data(self, X, reset=False))
+        """scikit-learn's binary ``LogisticRegression.predict_proba`` on this ``decision_function``."""
+        p = expit(self.decision_function(X))
+        return np.stack([1 - p, p], axis=1)
 
 
 # --- one-class scores ---------------------------------------------------------------------------------------
@@ -180,8 +194,19 @@ class KNNNormal(_OneClass):
         return scalers[self.scaling]()
 
     def _score(self, model, X):
+        """The mean distance to the k nearest rows of the bank, computed as scikit-learn's brute-force search does
+        (|x|^2 - 2 x.b + |b|^2) but with products of one fixed shape (``by_row_blocks``) instead of its chunks
+        sized by the number of rows, so a row's score does not depend on the rows scored with it."""
         scaler, bank = model
-        return bank.kneighbors(scaler.transform(X))[0].mean(axis=1)
+        fitted = np.asarray(bank._fit_X, dtype=np.float64)  # the normal rows, scaled
+        k, bank_squares = bank.n_neighbors, row_sums(fitted * fitted)
+
+        def mean_distance(rows):
+            squares = -2 * (rows @ fitted.T) + bank_squares + row_sums(rows * rows)[:, None]
+            nearest = np.sort(np.partition(squares, k - 1, axis=1)[:, :k], axis=1)
+            return np.sqrt(np.maximum(nearest, 0)).mean(axis=1)
+
+        return by_row_blocks(mean_distance, np.asarray(scaler.transform(X), dtype=np.float64))
 
 
 class Mahalanobis(_OneClass):
@@ -211,10 +236,16 @@ class Mahalanobis(_OneClass):
         return pca, gaussian.location_, cholesky
 
     def _score(self, model, X):
+        """|L^-1 (x - mean)| with L the Cholesky factor, solved for blocks of one fixed shape (``by_row_blocks``):
+        a triangular solve's (and a PCA projection's) rounding depends on how many rows it is given."""
         pca, mean, cholesky = model
-        X = pca.transform(X) if pca is not None else X
-        whitened = linalg.solve_triangular(cholesky, (X - mean).T, lower=True)
-        return np.sqrt((whitened**2).sum(axis=0))
+
+        def distance(rows):
+            rows = pca.transform(rows) if pca is not None else rows
+            whitened = linalg.solve_triangular(cholesky, (rows - mean).T, lower=True).T
+            return np.sqrt(row_sums(whitened * whitened))
+
+        return by_row_blocks(distance, X)
 
 
 # --- registry -----------------------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import delayed
 from sklearn.base import clone
 
 from xfeat.learn.classifiers import CLASSIFIERS, FCHead, abnormal_score, make_classifier
 from xfeat.errors import XfeatError
 from xfeat.features.reading import FeatureSet, load_features
+from xfeat.io.interrupts import workers_ignore_ctrl_c
+from xfeat.io.processes import tied_parallel
 from xfeat.learn.metrics import Counts, auroc, bundle_bootstrap
 from xfeat.learn.threads import one_thread
 
@@ -182,6 +184,9 @@ def evaluate(cache: str | os.PathLike[str], configs: Sequence[Configuration], *,
         path = os.path.abspath(cache)
         futures = [executor.submit(evaluate_configuration, path, c, params.get(c.clf)) for c in configs]
         return [future.result() for future in futures]
+    if jobs == 1:
+        return [evaluate_configuration(cache, c, params.get(c.clf)) for c in configs]
     tasks = (delayed(evaluate_configuration)(cache, c, params.get(c.clf)) for c in configs)
-    return list(Parallel(n_jobs=jobs)(tasks)) if jobs != 1 else [
-        evaluate_configuration(cache, c, params.get(c.clf)) for c in configs]
+    with workers_ignore_ctrl_c():  # the call starts the workers (Ctrl-C is for this process alone), then returns
+        results = tied_parallel(n_jobs=jobs, return_as="generator")(tasks)
+    return list(results)

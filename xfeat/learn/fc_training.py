@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xfeat.learn.binary import by_row_blocks
+
 HIDDEN = (1000, 512, 256)
 N_CLASSES = 2
 ADAM_BETAS = (0.9, 0.999)
@@ -136,13 +138,23 @@ def class_weights(y: np.ndarray, class_weight: None | str | tuple[float, float])
 
 
 def forward(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
-    """The logits [N, 2] of one trained head for features [N, D], in float64 (row results independent of N)."""
-    h = np.asarray(X, dtype=np.float64)
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        h = h @ w.astype(np.float64) + b
-        if i < len(weights) - 1:
-            h = np.maximum(h, 0)
-    return h
+    """The logits [N, 2] of one trained head for features [N, D], in float64.
+
+    Float64 alone does not make a row's logits independent of N (a matrix product's rounding depends on its
+    number of rows): the rows go through products of one fixed shape (``by_row_blocks``), so a row gets the
+    same bits alone or among others.
+    """
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+
+    def logits(rows: np.ndarray) -> np.ndarray:
+        h = np.asarray(rows, dtype=np.float64)
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            h = h @ w + b
+            if i < len(weights) - 1:
+                h = np.maximum(h, 0)
+        return h
+
+    return by_row_blocks(logits, np.asarray(X))
 
 
 def train_heads(X: np.ndarray, y: np.ndarray, train_masks: np.ndarray, config: HeadConfig,

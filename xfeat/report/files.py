@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from xfeat.screening.threshold import ScreeningOutcome
 
 PREDICTION_COLUMNS = ("backbone", "method", "clf", "layer", "path", "bundle", "label", "score", "decision")
+# every file write_results may put in its folder: a command checks none of its inputs is there (xfeat.io.outputs)
+REPORT_FILES = ("results.csv", "results.json", "predictions.csv", "report.html", "screening.json")
 
 
 def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -67,4 +69,4 @@ def write_results(results: Sequence[ConfigurationResult], out_dir: str | os.Path
     return paths
 
 
-__all__ = ["PREDICTION_COLUMNS", "records", "write_results"]
+__all__ = ["PREDICTION_COLUMNS", "REPORT_FILES", "records", "write_results"]

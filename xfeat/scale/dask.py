@@ -8,6 +8,7 @@ single-threaded, so the results equal a local run bitwise.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -30,7 +31,14 @@ def dask_executor(scheduler: str) -> Iterator[Executor]:
         client = (Client(scheduler_file=scheduler, set_as_default=False) if os.path.isfile(scheduler)
                   else Client(scheduler, set_as_default=False))
     except (OSError, TimeoutError, ValueError) as e:
-        raise XfeatError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        problem = f"cannot reach the Dask scheduler at {scheduler}: {e}"
+    else:
+        problem = None
+    if problem:
+        # The half-built Client lives on in the caught exception's frames; left to the interpreter's exit, its
+        # __del__ waits 60 s for a stopped event loop and prints a second traceback. Free it now instead.
+        gc.collect()
+        raise XfeatError(problem)
     with client:
         try:
             yield client.get_executor(pure=False)

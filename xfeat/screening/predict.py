@@ -30,6 +30,7 @@ from xfeat.learn.threads import one_thread
 from xfeat.features.extract import ExtractConfig, Work, batch_features, image_batches
 from xfeat.features.reading import fc1000, load_features
 from xfeat.io.hashing import file_sha256
+from xfeat.io.images import MAX_PIXELS
 from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
 from xfeat.screening.model import ScreeningModel, model_extractor
 
@@ -91,8 +92,9 @@ def read_prediction_manifest(manifest: Path) -> list[InputImage]:
 
 def predict(model: ScreeningModel, images: Sequence[InputImage], *, cache: str | os.PathLike[str] | None = None,
             weights: str | os.PathLike[str] | None = None, device: str = "auto", workers: int | None = None,
-            progress: Callable[[int], None] | None = None) -> list[Prediction]:
-    """Score ``images`` (see the module docstring); ``progress(n)`` after each batch of n images."""
+            progress: Callable[[int], None] | None = None, max_pixels: int = MAX_PIXELS) -> list[Prediction]:
+    """Score ``images`` (see the module docstring); ``progress(n)`` after each batch of n images. An image
+    declaring more than ``max_pixels`` pixels gets an error row, refused before it is decoded."""
     features: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
     hashes = {}
@@ -109,7 +111,8 @@ def predict(model: ScreeningModel, images: Sequence[InputImage], *, cache: str |
             progress(len(features))
     todo = [i for i in range(len(images)) if i not in features and i not in errors]
     if todo:
-        computed, failed = _compute(model, [images[i] for i in todo], weights, device, workers, progress)
+        computed, failed = _compute(model, [images[i] for i in todo], weights, device, workers, progress,
+                                    max_pixels)
         features.update({todo[j]: f for j, f in computed.items()})
         errors.update({todo[j]: problem for j, problem in failed.items()})
     if progress and errors:
@@ -154,7 +157,7 @@ def _cached(model: ScreeningModel, cache, hashes: dict[int, str]) -> dict[int, n
 
 
 def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, device_name: str,
-             workers: int | None, progress) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+             workers: int | None, progress, max_pixels: int) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Features of the "none" flip variant, through extraction's pipeline with its forward-batch size."""
     s = model.settings
     size = (s.input_height, s.input_width)
@@ -172,7 +175,8 @@ def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, devic
             for image in images]
     fc_weight, fc_bias = extractor.fc_weight.numpy(), extractor.fc_bias.numpy()
     features, failed = {}, {}
-    for batch in image_batches(work, size, model.window_stats, forward_batch, workers, device):
+    for batch in image_batches(work, size, model.window_stats, forward_batch, workers, device,
+                               max_pixels=max_pixels):
         good = [item for item in batch if not item["problem"]]
         failed.update({item["index"]: item["problem"] for item in batch if item["problem"]})
         if good:

@@ -20,6 +20,8 @@ import tifffile
 
 from xfeat.errors import XfeatError
 from xfeat.io.atomic import atomic_write
+from xfeat.io.interrupts import workers_ignore_ctrl_c
+from xfeat.io.processes import init_worker, parent_tie
 from xfeat.synth.electrode import render_electrode
 from xfeat.synth.plan import BundleStyle, ImagePlan, _validate, plan_dataset
 
@@ -52,7 +54,8 @@ def _render_chunk(root: str, seed: int, items: list[tuple[ImagePlan, BundleStyle
     return len(items)
 
 
-def _init_worker() -> None:
+def _init_worker(tie: tuple[int, bool]) -> None:
+    init_worker(*tie)  # die with the parent, leave Ctrl-C to it
     # One process per core already: stop OpenCV from also spawning a thread per core in each of them.
     cv2.setNumThreads(1)
 
@@ -111,9 +114,11 @@ def make_dataset(out: str | os.PathLike, *, bundles: int = 12, images: int = 714
         chunks = [items[i:i + step] for i in range(0, len(items), step)]
         # "spawn" is safe even if the caller has threads (torch, a GUI) and behaves the same on every OS.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = [pool.submit(_render_chunk, str(root), seed, c) for c in chunks]
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(parent_tie(),)) as pool:
             try:
+                with workers_ignore_ctrl_c():  # submitting starts the workers: Ctrl-C is for this process alone
+                    futures = [pool.submit(_render_chunk, str(root), seed, c) for c in chunks]
                 for fut in as_completed(futures):
                     done = fut.result()
                     if progress:
