@@ -257,7 +257,7 @@ def test_ctrl_c_to_the_process_group_while_workers_start_is_one_line(tmp_path):
                       "--jobs", "2"])
     parent = psutil.Process(process.pid)
     _wait_until(lambda: len(parent.children()) >= 2, process)  # the workers are starting: importing for a while
-    time.sleep(0.2)  # past the moment of their creation, when a Ctrl-C may be lost (xfeat.io.interrupts)
+    time.sleep(0.2)  # past the moment of their creation, when a Ctrl-C may be lost (xfeat.io.processes)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.splitlines() == ["xfeat: interrupted"], err

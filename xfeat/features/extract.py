@@ -29,8 +29,7 @@ from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError
 from xfeat.io.images import MAX_PIXELS, load_image, megapixels
-from xfeat.io.interrupts import workers_ignore_ctrl_c
-from xfeat.io.processes import init_worker, parent_tie
+from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
 from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
 from xfeat.convert.scan import Scan, scan_dataset
 from xfeat.convert.stats import WindowStats

@@ -9,8 +9,7 @@ from typing import TypeVar
 
 from joblib import delayed
 
-from xfeat.io.interrupts import workers_ignore_ctrl_c
-from xfeat.io.processes import tied_parallel
+from xfeat.io.processes import tied_parallel, workers_ignore_ctrl_c
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,7 +40,7 @@ def map_chunks(func: Callable[[Sequence[T]], R], items: Sequence[T], *, jobs: in
             yield chunk, func(chunk)
         return
     # Workers die with this process and ignore Ctrl-C (see xfeat.io.processes), also while they start
-    # (xfeat.io.interrupts): the call starts them and dispatches the first chunks, then returns.
+    # (xfeat.io.processes): the call starts them and dispatches the first chunks, then returns.
     with workers_ignore_ctrl_c():
         results = tied_parallel(n_jobs=min(jobs, len(chunks)), return_as="generator")(
             delayed(func)(c) for c in chunks)

@@ -21,8 +21,7 @@ from sklearn.base import clone
 from xfeat.learn.classifiers import CLASSIFIERS, FCHead, abnormal_score, make_classifier
 from xfeat.errors import XfeatError
 from xfeat.features.reading import FeatureSet, load_features
-from xfeat.io.interrupts import workers_ignore_ctrl_c
-from xfeat.io.processes import tied_parallel
+from xfeat.io.processes import tied_parallel, workers_ignore_ctrl_c
 from xfeat.learn.metrics import Counts, auroc, bundle_bootstrap
 from xfeat.learn.threads import one_thread
 

@@ -20,8 +20,7 @@ import tifffile
 
 from xfeat.errors import XfeatError
 from xfeat.io.atomic import atomic_write
-from xfeat.io.interrupts import workers_ignore_ctrl_c
-from xfeat.io.processes import init_worker, parent_tie
+from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
 from xfeat.synth.electrode import render_electrode
 from xfeat.synth.plan import BundleStyle, ImagePlan, _validate, plan_dataset
 
