@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
+from xfeat.io.images import MAX_PIXELS, megapixels
+
 
 def size_arg(text: str) -> tuple[int, int]:
     """Parse ``HxW`` (e.g. ``2000x1000``) into ``(height, width)``."""
@@ -65,3 +67,10 @@ def progress_bar(total: int | None, description: str, quiet: bool) -> Iterator[t
     with tqdm(total=total, desc=description, unit="img", disable=quiet or None, file=sys.stderr,
               dynamic_ncols=True, leave=False) as bar:
         yield bar
+
+
+def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    """The one definition of --max-pixels, shared by extract, convert and predict."""
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
+                        help=f"refuse images (and input sizes) over N pixels, read from the file's header before "
+                             f"decoding (default {MAX_PIXELS} = {megapixels(MAX_PIXELS)} MP)")

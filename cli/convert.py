@@ -7,8 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from xfeat_cli.common import add_common, progress_bar, say
-from xfeat_cli.extract import add_max_pixels
+from xfeat_cli.common import add_common, add_max_pixels, progress_bar, say
 from xfeat.convert.methods import METHODS, NEEDS_STATS, check_method
 from xfeat.io.dataset import find_images
 from xfeat.errors import XfeatError

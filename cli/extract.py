@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from xfeat_cli.common import add_common, names_arg, non_negative_int, positive_int, progress_bar, say, size_arg
+from xfeat_cli.common import add_common, add_max_pixels, names_arg, non_negative_int, positive_int, progress_bar, say, size_arg
 from xfeat.convert.methods import METHODS
 from xfeat.convert.stats import WindowStats
-from xfeat.io.images import MAX_PIXELS, megapixels
+from xfeat.io.images import megapixels
 from xfeat.io.outputs import check_output, data_roots_of, manifest_input
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as xfeat.features.inference; not imported so --help stays fast
@@ -21,13 +21,6 @@ def input_size_arg(text: str) -> tuple[int, int]:
     if min(height, width) < MIN_SIDE:
         raise argparse.ArgumentTypeError(f"each side must be at least {MIN_SIDE} pixels, got {text!r}")
     return height, width
-
-
-def add_max_pixels(parser: argparse.ArgumentParser) -> None:
-    """The one definition of --max-pixels, shared by extract, convert and predict."""
-    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
-                        help=f"refuse images (and input sizes) over N pixels, read from the file's header before "
-                             f"decoding (default {MAX_PIXELS} = {megapixels(MAX_PIXELS)} MP)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

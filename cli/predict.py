@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from collections import Counter
 
-from xfeat_cli.common import add_common, non_negative_int, progress_bar, say
-from xfeat_cli.extract import add_max_pixels
+from xfeat_cli.common import add_common, add_max_pixels, non_negative_int, progress_bar, say
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
