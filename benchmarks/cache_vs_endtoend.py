@@ -1,48 +1,60 @@
-"""Cache once, train many times: the fc head on cached features beside the paper's network trained end to end.
+"""Cache once, train many times: what caching saves and what inference tuning saves, measured apart, side by side.
 
-Both paths run leave-one-bundle-out (one fold per bundle) on the same small synthetic dataset, one conversion
+Three paths run leave-one-bundle-out (one fold per bundle) on the same small synthetic dataset, one conversion
 method (m2), the same backbone and input size, and train the same network the same way:
 
-* **cache**: ``xfeat.features.extract.extract`` computes the pooled trunk features of every image in its 4 flip
-  variants (none, h, v, hv) once, into a temporary HDF5 cache; then ``FCHead.fit_many`` trains the fc head of
-  every fold on the cache, replaying the flips from it. Timed: the whole extraction call (statistics pass,
-  decoding, inference with BatchNorm folded and channels-last, cache writing), loading the cache, training the
-  heads and predicting.
-* **end to end**: the fuel-cell paper's network, image in, class out: the frozen trunk (eval mode, so BatchNorm
-  uses its running statistics; no gradients) -> the trainable fc (from the backbone's own fc) -> 512 -> 256 -> 2,
-  trained with ``torch.optim.SGD`` (momentum) + ``StepLR`` and ``CrossEntropyLoss``, one fold after the other.
-  Each epoch the flips are applied to the images and the trunk runs on every training sample again, as in the
-  paper. Timed: the statistics pass, decoding and converting every image once (kept in memory: the end-to-end
-  path is spared re-reading files each epoch), training and predicting.
+* **(a) end to end, naive trunk**: the fuel-cell paper's network, image in, class out: the frozen trunk as the
+  plain module (eager, NCHW, BatchNorm not folded; eval mode, so BatchNorm uses its running statistics; no
+  gradients) -> the trainable fc (from the backbone's own fc) -> 512 -> 256 -> 2, trained with
+  ``torch.optim.SGD`` (momentum) + ``StepLR`` and ``CrossEntropyLoss``, one fold after the other. Each epoch the
+  flips are applied to the images and the trunk runs on every training sample again, as in the paper.
+* **(b) end to end, tuned trunk**: the same, with the trunk as the extractor runs it
+  (``xfeat.features.inference``: ``prepare_model``, BatchNorm folded into the convolutions and channels-last
+  memory; ``runner`` in fp32).
+* **(c) cache**: ``xfeat.features.extract.extract`` computes the pooled trunk features of every image in its 4 flip
+  variants (none, h, v, hv) once, into a temporary HDF5 cache, with the tuned trunk; then ``FCHead.fit_many``
+  trains the fc head of every fold on the cache, replaying the flips from it. Timed: the whole extraction call
+  (statistics pass, decoding, inference, cache writing), loading the cache, training the heads and predicting.
+
+Timed for (a) and (b): the statistics pass, decoding and converting every image once (kept in memory: the end-to-end
+paths are spared re-reading files each epoch; done once, counted in both), building the trunk (and folding it for
+(b)), training and predicting. (a) and (b) alternate fold by fold, so that a change in the shared machine's load
+falls on both. Ratios of wall time: a/b is what tuning the trunk saves, b/c what caching saves (both run the tuned
+trunk), a/c the two together.
 
 Same draws: each fold's head starts from ``init_head(D, seed, fc)`` and takes its sample order and flips from
 ``epoch_plan`` with ``default_rng(seed)``, exactly as ``xfeat.learn.fc_training`` does, so the mini-batches, the flip
 variant of every sample and the initial weights are identical; only where the trunk's output comes from differs.
-The extractor runs the trunk with BatchNorm folded into the convolutions and channels-last memory, at a
-different batch size; the end-to-end trunk is the plain module. That changes float rounding only, and the
-table says by how much (trunk features, out-of-fold probabilities and scores, decisions, final head weights).
-A control column trains the same torch loop on the cached features instead of the trunk: it separates what the
-optimiser implementations contribute (torch's autograd + SGD vs xfeat's hand-written batched one) from what the
-trunk's rounding contributes.
+The extractor runs the tuned trunk at a different batch size from (b), and (a) also differs from it by folding and
+memory layout. That changes float rounding only, and the table says by how much (trunk features, out-of-fold
+probabilities and scores, decisions, final head weights). A control column trains the same torch loop on the
+cached features instead of a trunk: it separates what the optimiser implementations contribute (torch's
+autograd + SGD vs xfeat's hand-written batched one) from what the trunk's rounding contributes.
 
-The last lines extrapolate the wall-time ratio to the paper's setting (714 images, 12 bundles, 4 methods,
-50 epochs, 2000 x 1000 input) from the measured cost of one trunk forward at that size (one image, this CPU;
-``--no-full-forward`` scales this run's per-forward cost by pixels instead) and the measured per-sample cost of
-a head training step in each path (end to end: this run's torch steps; cache: two epochs of ``fit_many`` on
-random features of the paper's shape, 12 folds x 714 images, since at this run's size per-step overheads would
-dominate). It is an extrapolation, not a run.
+The last lines extrapolate the three wall times to the paper's setting (714 images, 12 bundles, 4 methods,
+50 epochs, 2000 x 1000 input) from the measured cost of one trunk forward at that size, naive and tuned (one
+image each, this CPU; ``--no-full-forward`` scales this run's per-forward costs by pixels instead) and the
+measured per-sample cost of a head training step in each path (end to end: this run's torch steps; cache: two
+epochs of ``fit_many`` on random features of the paper's shape, 12 folds x 714 images, since at this run's size
+per-step overheads would dominate). It is an extrapolation, not a run.
 
-Both paths run in this process on equal terms: torch single-threaded (``--threads``; on this shared 2-core
+All paths run in this process on equal terms: torch single-threaded (``--threads``; on this shared 2-core
 machine a second thread made the trunk up to 10x slower), no worker processes (``--workers N`` gives the
-extraction its decoding processes, whose start-up costs ~10 s here and pays off only on large images).
+extraction its decoding processes, whose start-up costs ~10 s here and pays off only on large images). The CPU
+model and its vector ISA flags are printed beside the figures.
 
-    python benchmarks/cache_vs_endtoend.py [--images 64] [--bundles 4] [--size 96x48] [--epochs 20]
-                                           [--backbone resnet34] [--weights none] [--threads 1]
+    python benchmarks/cache_vs_endtoend.py [--images 64] [--bundles 4] [--size 96x48] [--epochs 10]
+                                           [--backbone resnet34] [--weights none] [--threads 1] [--quick]
+
+The defaults took 2-5 minutes on this shared 2-core machine (less than 2 minutes of CPU time); ``--quick``
+(``--images 32 --epochs 5 --no-full-forward``) checks that it runs, in about a minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,6 +71,7 @@ from xfeat.learn.classifiers import FCHead
 from xfeat.convert.methods import convert
 from xfeat.io.dataset import find_images
 from xfeat.features.extract import ExtractConfig, extract
+from xfeat.features.inference import prepare_model, runner
 from xfeat.features.reading import load_features
 from xfeat.learn.fc_training import HeadConfig, class_weights, epoch_plan, init_head
 from xfeat.io.images import load_image
@@ -68,6 +81,23 @@ from xfeat.synth import make_dataset
 METHOD = "m2"
 N_VARIANTS = 4  # none, h, v, hv: variant = h + 2 v
 PAPER = {"images": 714, "bundles": 12, "methods": 4, "epochs": 50, "size": (2000, 1000)}
+CPU = torch.device("cpu")
+NAIVE, TUNED = "naive", "tuned"
+
+
+def cpu_description() -> str:
+    """The CPU model and its vector ISA flags (avx2, avx512*, amx*): what every figure here depends on."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    flags = [f for f in info.get("flags", "").split() if f == "avx2" or f.startswith(("avx512", "amx"))]
+    isa = " ".join(flags) if flags else ("none of avx2/avx512/amx" if "flags" in info else "flags unknown")
+    return (f"CPU: {info.get('model name') or platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} logical cores, ISA: {isa} (torch dispatch {torch.backends.cpu.get_cpu_capability()})")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -162,11 +192,12 @@ def flip(images: torch.Tensor, variant: np.ndarray) -> torch.Tensor:
     return torch.where(v, images.flip(2), images)
 
 
-def trunk_features(trunk, images: torch.Tensor) -> Features:
+def trunk_features(trunk: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> Features:
     """End to end: the frozen trunk runs on the flipped images, every time."""
     def features(rows, variant):
         with torch.no_grad():
-            return trunk(flip(images[torch.from_numpy(rows)], variant))
+            x = trunk(flip(images[torch.from_numpy(rows)], variant))
+        return x.clone() if x.is_inference() else x  # the tuned runner's inference-mode output, made fit for autograd
     return features
 
 
@@ -205,24 +236,25 @@ def train_fold(features: Features, fc, y: torch.Tensor, train_rows: np.ndarray, 
     return net
 
 
-def train_folds(features: Features, fc, y: np.ndarray, groups: np.ndarray, config: HeadConfig, seed: int,
-                run: TorchRun) -> TorchRun:
-    """Leave-one-bundle-out: train each fold's network, then score its held-out bundle (unflipped)."""
+def train_folds(paths: dict[str, tuple[Features, TorchRun]], fc, y: np.ndarray, groups: np.ndarray,
+                config: HeadConfig, seed: int) -> None:
+    """Leave-one-bundle-out: per fold, each path trains its network, then scores the held-out bundle (unflipped).
+    The paths take turns fold by fold, so that a change in the machine's load falls on each of them alike."""
     targets = torch.from_numpy(y)
     for test in fold_masks(groups):
-        net = train_fold(features, fc, targets, np.flatnonzero(~test), config, seed, run)
         rows = np.flatnonzero(test)
-        t0 = time.perf_counter()
-        x = features(rows, np.zeros(len(rows), np.int64))
-        run.seconds["trunk"] += time.perf_counter() - t0
-        run.forwards += len(rows)
-        with torch.no_grad():
-            logits = net(x).double()
-        run.proba[test] = logits.softmax(1)[:, 1].numpy()
-        run.score[test] = (logits[:, 1] - logits[:, 0]).numpy()
-        run.decision[test] = (run.score[test] > 0).astype(np.int64)
-        run.nets.append(net)
-    return run
+        for features, run in paths.values():
+            net = train_fold(features, fc, targets, np.flatnonzero(~test), config, seed, run)
+            t0 = time.perf_counter()
+            x = features(rows, np.zeros(len(rows), np.int64))
+            run.seconds["trunk"] += time.perf_counter() - t0
+            run.forwards += len(rows)
+            with torch.no_grad():
+                logits = net(x).double()
+            run.proba[test] = logits.softmax(1)[:, 1].numpy()
+            run.score[test] = (logits[:, 1] - logits[:, 0]).numpy()
+            run.decision[test] = (run.score[test] > 0).astype(np.int64)
+            run.nets.append(net)
 
 
 def empty_run(n: int, dim: int) -> TorchRun:
@@ -230,20 +262,37 @@ def empty_run(n: int, dim: int) -> TorchRun:
     return TorchRun([], np.zeros(n), np.zeros(n), np.zeros(n, np.int64), seen)
 
 
-def run_end_to_end(data: Path, cache: CacheRun, args, config: HeadConfig) -> TorchRun:
+def trunks(backbone: str, weights: str) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]]:
+    """The naive trunk (eval mode, frozen: the plain module, eager, NCHW, nothing folded) and the tuned one (the
+    extractor's: BatchNorm folded, channels-last, fp32), each with the seconds it took to build."""
     start = time.perf_counter()
-    trunk = build_extractor(args.backbone, args.weights)  # eval mode, frozen: the plain module, nothing folded
+    naive = build_extractor(backbone, weights)
+    built = time.perf_counter()
+    tuned = runner(prepare_model(build_extractor(backbone, weights), CPU), CPU, "fp32")
+    return {NAIVE: (naive, built - start), TUNED: (tuned, time.perf_counter() - built)}
+
+
+def run_end_to_end(data: Path, cache: CacheRun, args, config: HeadConfig) -> dict[str, TorchRun]:
+    """(a) and (b): the images read and converted once for both, then the folds of the two taking turns."""
+    start = time.perf_counter()
     images, g_min_max = load_images(data, cache.paths, args.size)  # rows in the cache's order: same folds, draws
-    run = empty_run(len(cache.y), trunk.feature_dim)
-    run.g_min_max = g_min_max
-    run.seconds["prepare"] = time.perf_counter() - start
-    fc = (trunk.fc_weight.numpy(), trunk.fc_bias.numpy())
-    return train_folds(trunk_features(trunk, images), fc, cache.y, cache.groups, config, args.seed, run)
+    loaded = time.perf_counter() - start
+    built = trunks(args.backbone, args.weights)
+    naive = built[NAIVE][0]
+    paths = {}
+    for name, (trunk, seconds) in built.items():
+        run = empty_run(len(cache.y), naive.feature_dim)
+        run.g_min_max = g_min_max
+        run.seconds["prepare"] = loaded + seconds  # each end-to-end path would have to read the images itself
+        paths[name] = (trunk_features(trunk, images), run)
+    train_folds(paths, (naive.fc_weight.numpy(), naive.fc_bias.numpy()), cache.y, cache.groups, config, args.seed)
+    return {name: run for name, (_, run) in paths.items()}
 
 
 def run_control(cache: CacheRun, args, config: HeadConfig) -> TorchRun:
     run = empty_run(*cache.X.shape[::2])
-    return train_folds(cached_features(cache.X), cache.fc, cache.y, cache.groups, config, args.seed, run)
+    train_folds({"control": (cached_features(cache.X), run)}, cache.fc, cache.y, cache.groups, config, args.seed)
+    return run
 
 
 # --- comparison and extrapolation --------------------------------------------------------------------------
@@ -258,14 +307,16 @@ def max_weight_difference(heads: list[FCHead], nets: list[nn.Sequential]) -> flo
     return float(worst)
 
 
-def full_size_forward_seconds(backbone: str, weights: str, size: tuple[int, int]) -> float:
-    """Seconds of one plain trunk forward of one image at ``size`` (the paper's 2000 x 1000)."""
-    trunk = build_extractor(backbone, weights)
+def full_size_forward_seconds(backbone: str, weights: str, size: tuple[int, int]) -> dict[str, float]:
+    """Seconds of one trunk forward of one image at ``size`` (the paper's 2000 x 1000), naive then tuned."""
     image = torch.randint(0, 256, (1, 1, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    with torch.no_grad():
-        trunk(image)
-    return time.perf_counter() - start
+    seconds = {}
+    for name, (trunk, _) in trunks(backbone, weights).items():
+        start = time.perf_counter()
+        with torch.no_grad():
+            trunk(image)
+        seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 def paper_head_step_seconds(dim: int, config: HeadConfig, epochs: int = 2) -> float:
@@ -284,31 +335,41 @@ def paper_head_step_seconds(dim: int, config: HeadConfig, epochs: int = 2) -> fl
     return (time.perf_counter() - start) / (epochs * (k - 1) * n)
 
 
-def extrapolate(t_forward: float, head_e2e: float, head_cache: float) -> tuple[float, float]:
-    """Seconds of the paper's grid (all methods, folds, epochs) end to end and on the cache.
+def extrapolate(t_forward: dict[str, float], head_e2e: dict[str, float], head_cache: float) -> dict[str, float]:
+    """Seconds of the paper's grid (all methods, folds, epochs): (a) and (b) end to end, (c) on the cache.
 
     Each image is a training sample in (bundles - 1) folds, so one method costs epochs x (bundles - 1) x images
-    head steps in either path; end to end adds a trunk forward to each, plus one per test image; the cache
-    computes images x 4 trunk forwards once per method.
+    head steps in every path; end to end adds a trunk forward to each, plus one per test image; the cache
+    computes images x 4 trunk forwards (tuned) once per method.
     """
     n, k, m, e = PAPER["images"], PAPER["bundles"], PAPER["methods"], PAPER["epochs"]
     sample_steps = e * (k - 1) * n
-    end_to_end = m * ((sample_steps + n) * t_forward + sample_steps * head_e2e)
-    cached = m * (N_VARIANTS * n * t_forward + sample_steps * head_cache)
-    return end_to_end, cached
+    times = {path: m * ((sample_steps + n) * t_forward[trunk] + sample_steps * head_e2e[trunk])
+             for path, trunk in (("a", NAIVE), ("b", TUNED))}
+    times["c"] = m * (N_VARIANTS * n * t_forward[TUNED] + sample_steps * head_cache)
+    return times
 
 
-def print_times(cache: CacheRun, e2e: TorchRun) -> None:
-    c, s = cache.seconds, e2e.seconds
-    t_cache, t_e2e = sum(c.values()), sum(s.values())
+def ratios(t: dict[str, float]) -> str:
+    """What tuning saves (a/b), what caching saves (b/c), and the two together (a/c)."""
+    return f"tuning a/b {t['a'] / t['b']:.2f}x, caching b/c {t['b'] / t['c']:.2f}x, both a/c {t['a'] / t['c']:.2f}x"
+
+
+def print_times(cache: CacheRun, e2e: dict[str, TorchRun]) -> None:
+    c = cache.seconds
     cache_forwards = len(cache.y) * N_VARIANTS
-    print(f"{'path':12s} {'trunk fwd':>10s} {'extract/read s':>15s} {'trunk s':>8s} {'head s':>8s} {'total s':>8s}")
-    print(f"{'cache':12s} {cache_forwards:10d} {c['extract']:15.2f} {'(extr.)':>8s} "
-          f"{c['load'] + c['heads']:8.2f} {t_cache:8.2f}")
-    print(f"{'end to end':12s} {e2e.forwards:10d} {s['prepare']:15.2f} {s['trunk']:8.2f} {s['head']:8.2f} "
-          f"{t_e2e:8.2f}")
-    print(f"wall-time ratio end to end / cache: {t_e2e / t_cache:.2f}x "
-          f"(trunk forwards {e2e.forwards / cache_forwards:.1f}x)")
+    total = {"a": sum(e2e[NAIVE].seconds.values()), "b": sum(e2e[TUNED].seconds.values()), "c": sum(c.values())}
+    print(f"{'path':30s} {'trunk fwd':>10s} {'extract/prep s':>15s} {'trunk s':>8s} {'head s':>8s} {'total s':>8s}")
+    for path, name, label in (("a", NAIVE, "(a) end to end, naive trunk"), ("b", TUNED, "(b) end to end, tuned trunk")):
+        run = e2e[name]
+        s = run.seconds
+        print(f"{label:30s} {run.forwards:10d} {s['prepare']:15.2f} {s['trunk']:8.2f} {s['head']:8.2f} "
+              f"{total[path]:8.2f}")
+    print(f"{'(c) cache':30s} {cache_forwards:10d} {c['extract']:15.2f} {'(extr.)':>8s} "
+          f"{c['load'] + c['heads']:8.2f} {total['c']:8.2f}")
+    trunk = e2e[NAIVE].seconds["trunk"] / e2e[TUNED].seconds["trunk"]
+    print(f"wall-time ratios: {ratios(total)} "
+          f"(trunk seconds alone a/b {trunk:.2f}x; trunk forwards b/c {e2e[TUNED].forwards / cache_forwards:.1f}x)")
 
 
 def closeness(cache: CacheRun, run: TorchRun) -> list[str]:
@@ -324,47 +385,54 @@ def closeness(cache: CacheRun, run: TorchRun) -> list[str]:
             f"{max_weight_difference(cache.heads, run.nets):.3g}"]
 
 
-def print_closeness(cache: CacheRun, e2e: TorchRun, control: TorchRun) -> None:
+def print_closeness(cache: CacheRun, e2e: dict[str, TorchRun], control: TorchRun) -> None:
     rows = ["features fed to the head, max |diff|", "out-of-fold P(abnormal), max |diff|",
             "out-of-fold score (logit diff), max |diff|", "decisions agree",
             "final head weights (all layers, folds), max |diff|"]
-    print(f"{'closeness to the cache path':52s} {'end to end':>22s} {'torch head on the cache':>24s}")
-    for name, a, b in zip(rows, closeness(cache, e2e), closeness(cache, control)):
-        print(f"{name:52s} {a:>22s} {b:>24s}")
+    print(f"{'closeness to the cache path (c)':52s} {'(a) naive e2e':>22s} {'(b) tuned e2e':>22s} "
+          f"{'torch head on the cache':>24s}")
+    for name, a, b, control_cell in zip(rows, closeness(cache, e2e[NAIVE]), closeness(cache, e2e[TUNED]),
+                                        closeness(cache, control)):
+        print(f"{name:52s} {a:>22s} {b:>22s} {control_cell:>24s}")
     print(f"(scores span {cache.score.min():.3g} .. {cache.score.max():.3g}, nearest to the decision boundary 0: "
           f"{np.abs(cache.score).min():.3g}; {int(cache.decision.sum())} of {len(cache.y)} decided abnormal; "
           f"the control feeds torch's loop from the cache, isolating the optimiser from trunk rounding)")
 
 
-def print_extrapolation(args, config: HeadConfig, cache: CacheRun, e2e: TorchRun) -> None:
+def print_extrapolation(args, config: HeadConfig, cache: CacheRun, e2e: dict[str, TorchRun]) -> None:
     if args.full_forward:
-        t_forward, how = full_size_forward_seconds(args.backbone, args.weights, PAPER["size"]), "measured, 1 image"
+        t_forward = full_size_forward_seconds(args.backbone, args.weights, PAPER["size"])
+        how = "measured, 1 image each"
     else:
         scale = np.prod(PAPER["size"]) / np.prod(args.size)
-        t_forward, how = e2e.seconds["trunk"] / e2e.forwards * scale, "this run's, scaled by pixels"
-    head_e2e = e2e.seconds["head"] / e2e.sample_steps
+        t_forward = {name: run.seconds["trunk"] / run.forwards * scale for name, run in e2e.items()}
+        how = "this run's, scaled by pixels"
+    head_e2e = {name: run.seconds["head"] / run.sample_steps for name, run in e2e.items()}
     head_cache = paper_head_step_seconds(cache.X.shape[2], config)
-    end_to_end, cached = extrapolate(t_forward, head_e2e, head_cache)
-    extraction = PAPER["methods"] * N_VARIANTS * PAPER["images"] * t_forward
+    t = extrapolate(t_forward, head_e2e, head_cache)
+    extraction = PAPER["methods"] * N_VARIANTS * PAPER["images"] * t_forward[TUNED]
     height, width = PAPER["size"]
     print(f"EXTRAPOLATION to the paper's setting ({PAPER['images']} images, {PAPER['bundles']} folds x "
           f"{PAPER['methods']} methods, {PAPER['epochs']} epochs, {height}x{width}), this CPU, not a run:")
-    print(f"  trunk forward at {height}x{width}: {t_forward:.2f} s/image ({how}); head step: "
-          f"{head_e2e * 1e3:.3f} ms/sample end to end (this run), {head_cache * 1e3:.3f} ms/sample on the cache "
-          f"(fit_many, 12 folds x 714 images, measured)")
-    print(f"  end to end {end_to_end / 3600:.0f} h, cache {cached / 3600:.1f} h (extraction {extraction / 3600:.1f} h "
-          f"+ heads {(cached - extraction) / 3600:.2f} h): ratio {end_to_end / cached:.0f}x "
-          f"(trunk forwards alone: {(PAPER['epochs'] * (PAPER['bundles'] - 1) + 1) / N_VARIANTS:.1f}x)")
+    print(f"  trunk forward at {height}x{width}: naive {t_forward[NAIVE]:.2f} s/image, tuned {t_forward[TUNED]:.2f} "
+          f"s/image ({how}); head step: {head_e2e[NAIVE] * 1e3:.3f} / {head_e2e[TUNED] * 1e3:.3f} ms/sample end to "
+          f"end (a / b, this run), {head_cache * 1e3:.3f} ms/sample on the cache (fit_many, 12 folds x 714 images, "
+          "measured)")
+    print(f"  (a) end to end, naive {t['a'] / 3600:.0f} h; (b) end to end, tuned {t['b'] / 3600:.0f} h; (c) cache "
+          f"{t['c'] / 3600:.1f} h (extraction {extraction / 3600:.1f} h + heads {(t['c'] - extraction) / 3600:.2f} h)")
+    print(f"  {ratios(t)} (trunk forwards alone b/c: "
+          f"{(PAPER['epochs'] * (PAPER['bundles'] - 1) + 1) / N_VARIANTS:.1f}x)")
 
 
-def report(args, config: HeadConfig, cache: CacheRun, e2e: TorchRun, control: TorchRun) -> None:
+def report(args, config: HeadConfig, cache: CacheRun, e2e: dict[str, TorchRun], control: TorchRun) -> None:
     n, folds = len(cache.y), len(set(cache.groups))
     print(f"{n} synthetic images ({int(cache.y.sum())} abnormal), {folds} bundles = {folds} folds, {METHOD}, "
           f"{args.backbone} ({args.weights}), input {args.size[0]}x{args.size[1]}, {args.epochs} epochs, "
           f"class weights {args.class_weight}, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
-    if cache.g_min_max != e2e.g_min_max:
-        print(f"WARNING: m2 window differs: cache {cache.g_min_max}, end to end {e2e.g_min_max}")
+    print(cpu_description())
+    if cache.g_min_max != e2e[NAIVE].g_min_max:
+        print(f"WARNING: m2 window differs: cache {cache.g_min_max}, end to end {e2e[NAIVE].g_min_max}")
     print()
     print_times(cache, e2e)
     print()
@@ -379,7 +447,7 @@ def main() -> None:
     parser.add_argument("--bundles", type=int, default=4)
     parser.add_argument("--image-size", type=parse_size, default=(128, 64), help="synthetic images, HxW")
     parser.add_argument("--size", type=parse_size, default=(96, 48), help="network input, HxW")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--backbone", default="resnet34")
     parser.add_argument("--weights", default="none", help="none, imagenet or a file")
     parser.add_argument("--class-weight", choices=("none", "balanced"), default="none",
@@ -392,7 +460,11 @@ def main() -> None:
                         help="extraction's decoding processes (default 0: decode in-process, like the other path)")
     parser.add_argument("--no-full-forward", dest="full_forward", action="store_false",
                         help="extrapolate the 2000x1000 trunk cost by pixels instead of timing one forward")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check that it runs: --images 32 --epochs 5 --no-full-forward")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.epochs, args.full_forward = 32, 5, False
     torch.set_num_threads(args.threads)
     config = HeadConfig(epochs=args.epochs, class_weight=None if args.class_weight == "none" else "balanced")
     with tempfile.TemporaryDirectory(prefix="xfeat-e2e-") as tmp:

@@ -56,6 +56,7 @@ from xfeat.learn.classifiers import CLASSIFIERS
 from xfeat_cli.common import size_arg
 from xfeat_cli.evaluate import classifier_params
 from xfeat.learn.evaluation import Configuration, ConfigurationResult, configurations, evaluate_configuration
+from xfeat.learn.operating import DEFAULT_RECALLS
 from xfeat.features.extract import ExtractConfig, extract
 from xfeat.report import write_results
 
@@ -81,10 +82,11 @@ def write_dataset(folder: Path, modules_csv: str) -> Path:
     return manifest
 
 
-def extract_features(manifest: Path, workdir: Path, size: tuple[int, int], flips: int) -> dict[str, Path]:
+def extract_features(manifest: Path, workdir: Path, size: tuple[int, int], flips: int,
+                     weights_list: tuple[str, ...] = WEIGHTS) -> dict[str, Path]:
     """One cache per weights: a cache group is keyed by backbone, method and size, not by weights."""
     caches = {}
-    for weights in WEIGHTS:
+    for weights in weights_list:
         caches[weights] = workdir / f"elpv-{BACKBONE}-{weights}-{flips}flips.h5"
         config = ExtractConfig(backbones=(BACKBONE,), methods=(METHOD,), size=size, flips=flips, weights=weights)
         summary = extract(manifest, caches[weights], config)
@@ -93,14 +95,16 @@ def extract_features(manifest: Path, workdir: Path, size: tuple[int, int], flips
     return caches
 
 
-def evaluate_all(caches: dict[str, Path], configs: list[Configuration], params: dict, jobs: int
+def evaluate_all(caches: dict[str, Path], configs: list[Configuration], params: dict, jobs: int, *,
+                 recalls: tuple[float, ...] = DEFAULT_RECALLS, inner_folds: int | None = None
                  ) -> dict[str, list[ConfigurationResult]]:
     """What ``xfeat.learn.evaluation.evaluate`` does, over both caches in one pool: the two fc runs, ~90 % of the
     work, go side by side instead of one after the other (longest first)."""
-    tasks = sorted([(w, c) for c in configs for w in WEIGHTS], key=lambda task: task[1].clf != "fc")
-    results = Parallel(n_jobs=jobs)(delayed(evaluate_configuration)(caches[w], c, params.get(c.clf))
+    tasks = sorted([(w, c) for c in configs for w in caches], key=lambda task: task[1].clf != "fc")
+    results = Parallel(n_jobs=jobs)(delayed(evaluate_configuration)(caches[w], c, params.get(c.clf), recalls=recalls,
+                                                                    inner_folds=inner_folds)
                                     for w, c in tasks)
-    by_weights: dict[str, list[ConfigurationResult]] = {w: [] for w in WEIGHTS}
+    by_weights: dict[str, list[ConfigurationResult]] = {w: [] for w in caches}
     for (w, _), result in zip(tasks, results):
         by_weights[w].append(result)
     return by_weights
@@ -108,7 +112,7 @@ def evaluate_all(caches: dict[str, Path], configs: list[Configuration], params: 
 
 def table(by_weights: dict[str, list[ConfigurationResult]]) -> str:
     """Rows: classifiers; per weights: pooled balanced accuracy, its 95 % module-bootstrap interval, AUROC."""
-    lines = [f"{'classifier':12s}" + "".join(f"  {w + ' BA':>11s} {'95% CI':11s} {'AUROC':>5s}" for w in WEIGHTS)]
+    lines = [f"{'classifier':12s}" + "".join(f"  {w + ' BA':>11s} {'95% CI':11s} {'AUROC':>5s}" for w in by_weights)]
     for row in zip(*by_weights.values()):
         cells = []
         for r in row:
@@ -116,6 +120,24 @@ def table(by_weights: dict[str, list[ConfigurationResult]]) -> str:
             cells.append(f"  {100 * r.overall.balanced_accuracy:11.1f} {f'{100 * low:.1f}-{100 * high:.1f}':11s} "
                          f"{r.overall_auroc:5.3f}")
         lines.append(f"{row[0].config.clf:12s}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def held_out_table(by_weights: dict[str, list[ConfigurationResult]]) -> str:
+    """Rows: classifiers; per weights and recall target: normal cleared and recall achieved on held-out modules
+    (nested), each with its 95 % module-bootstrap interval, in %."""
+    lines = []
+    for weights, results in by_weights.items():
+        targets = [p.target for p in results[0].operating]
+        lines.append(f"--weights {weights}: " + "; ".join(f"target {100 * t:g}%: cleared (CI) / recall (CI)"
+                                                           for t in targets))
+        for r in results:
+            cells = []
+            for p in r.operating:
+                (cl, ch), (rl, rh) = p.interval("tnr"), p.interval("tpr")
+                cells.append(f"{100 * p.cleared:5.1f} ({100 * cl:4.1f}-{100 * ch:4.1f}) / "
+                             f"{100 * p.recall:5.1f} ({100 * rl:4.1f}-{100 * rh:5.1f})")
+            lines.append(f"  {r.config.clf:12s}" + "   ".join(cells))
     return "\n".join(lines)
 
 
@@ -131,6 +153,10 @@ def main() -> None:
     parser.add_argument("--report", metavar="DIR", help="write xfeat's full report to DIR/imagenet and DIR/none")
     parser.add_argument("--workdir", metavar="DIR", help="keep PNGs, manifest and caches here (default: temporary)")
     parser.add_argument("--modules-csv", default=MODULES_CSV)
+    parser.add_argument("--weights", choices=("both", *WEIGHTS), default="both", help="which features to evaluate")
+    parser.add_argument("--inner-folds", type=int, default=None, metavar="K",
+                        help="nested thresholds on K groups of modules (default: leave-one-module-out inside, "
+                             "946 inner fits per classifier for 44 modules; K groups need 44 (K-1) + K)")
     args = parser.parse_args()
     size = f"{args.size[0]}x{args.size[1]}"
 
@@ -140,23 +166,29 @@ def main() -> None:
         sys.exit(f"--workdir {workdir} is inside the repository; ELPV images must stay out of it")
     try:
         manifest = write_dataset(workdir, args.modules_csv)
-        caches = extract_features(manifest, workdir, args.size, args.flips)
+        caches = extract_features(manifest, workdir, args.size, args.flips,
+                                  WEIGHTS if args.weights == "both" else (args.weights,))
         extracted = time.perf_counter()
         configs = configurations((BACKBONE,), (METHOD,), tuple(CLASSIFIERS), size=size)
         options = argparse.Namespace(class_weight=None if args.class_weight == "none" else args.class_weight,
                                      seed=0, epochs=args.epochs, precision=None)
-        by_weights = evaluate_all(caches, configs, classifier_params(options, tuple(CLASSIFIERS)), args.jobs)
+        by_weights = evaluate_all(caches, configs, classifier_params(options, tuple(CLASSIFIERS)), args.jobs,
+                                  inner_folds=args.inner_folds)
         if args.report:
             for weights, results in by_weights.items():
                 write_results(results, Path(args.report) / weights)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir)
-    first = by_weights[WEIGHTS[0]][0]
+    first = next(iter(by_weights.values()))[0]
     print(f"\nELPV, {BACKBONE} {METHOD} {size}, {args.flips} flips, leave-one-module-out: {len(first.features.y)} "
           f"images ({int(first.features.y.sum())} abnormal), {len(first.bundles)} modules; fc {args.epochs} epochs; "
           f"class_weight {args.class_weight} for fc, svm, logreg; BA and CI in %")
     print(table(by_weights))
+    inner = f"{args.inner_folds} groups of modules" if args.inner_folds else "leave-one-module-out"
+    print(f"\nHeld-out operating points (nested: each module's threshold chosen on the other modules' own "
+          f"out-of-fold scores, inner {inner}), in %:")
+    print(held_out_table(by_weights))
     end = time.perf_counter()
     print(f"\n{end - start:.0f} s in all: {extracted - start:.0f} s writing and extracting, "
           f"{end - extracted:.0f} s evaluating")

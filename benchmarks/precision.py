@@ -13,23 +13,34 @@ channels-last) -> ``runner(model, device, "fp32" | "bf16")``, inputs resized wit
    loss) and a logistic regression (each with a StandardScaler, fitted inside the fold), and how many out-of-fold
    decisions differ between fp32 and bf16 features.
 3. Speed: images/s of fp32 and bf16 at a large input size, batch 4, alternated in one run after a warm-up.
+4. Where the error is born: efficientnet_lite0 on the ELPV images of question 1 at the first of ``--sizes``, with
+   bf16 autocast in its stem alone (``conv_stem`` + ``bn1``, the rest fp32): the stem's own output and the pooled
+   features against fp32, beside the whole network in bf16.
 
     python benchmarks/precision.py [--images 32] [--sizes 224x224,600x600] [--downstream-sizes 224x224,448x448]
 
-The defaults take about 10 minutes on this 2-core CPU, most of it extracting and classifying all ELPV images.
+The CPU model and its vector ISA flags are printed first: bf16 is fast only with bf16 units (avx512_bf16, AMX);
+elsewhere it is emulated. The defaults took about 10 minutes on a 2-core AMD EPYC with avx512_bf16; on an
+AVX2-only one, where efficientnet_lite0 ran 0.1 images/s in bf16, section 2 alone would take hours (skip it with
+``--downstream-sizes ""``).
 
-Measured here (torch 2.14.1, AMD EPYC with avx512_bf16, no AMX): bf16 autocast is 1.6-2x faster but NOT close on
-real weights: efficientnet_lite0 on ELPV at 224x224 has worst relative error 0.31 (median 0.066), min cosine 0.957,
-and 184 of 2,624 logistic-regression decisions change (balanced accuracy 71.90 -> 71.88). The error is born in the
-first layers (the stem alone in bf16 gives 0.07): BatchNorm subtracts running means several standard deviations
-large, so the rounding of dark, low-contrast inputs is amplified. Random-weight ResNets stay within 0.006 and say
-nothing about pretrained ones. Hence fp32 is the CPU default and bf16 an explicit, recorded choice.
+Measured there (torch 2.14.1, AMD EPYC with avx512_bf16, no AMX), in the labels the script prints: bf16 autocast
+is faster (section 3, ``bf16/fp32`` 1.6-2x) but NOT close on real weights: efficientnet_lite0 on all ELPV images at
+224x224 (section 1) has ``relL2 max`` 0.31, ``relL2 med`` 0.066, ``cos min`` 0.957, and with the ``logistic``
+classifier (section 2) 184 decisions ``differ`` of 2,624, ``fp32 BA`` 71.90 vs ``bf16 BA`` 71.88. The error is
+born in the first layers (section 4, ``stem alone in bf16``: ``relL2 max`` 0.07): BatchNorm subtracts running means
+several standard deviations large, so the rounding of dark, low-contrast inputs is amplified. Random-weight ResNets
+stay within ``relL2 max`` 0.006 (section 1) and say nothing about pretrained ones. Hence fp32 is the CPU default
+and bf16 an explicit, recorded choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +52,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch import nn
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import LeaveOneGroupOut
 from sklearn.pipeline import make_pipeline
@@ -59,6 +71,21 @@ Size = tuple[int, int]
 CPU = torch.device("cpu")
 REAL_WEIGHTS = {"efficientnet_lite0": "imagenet"}  # the one real pretrained CNN installed here; others random
 MODULES_CSV = "/work/shared/data/elpv_modules.csv"
+
+
+def cpu_description() -> str:
+    """The CPU model and its vector ISA flags (avx2, avx512*, amx*): what every figure here depends on."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    flags = [f for f in info.get("flags", "").split() if f == "avx2" or f.startswith(("avx512", "amx"))]
+    isa = " ".join(flags) if flags else ("none of avx2/avx512/amx" if "flags" in info else "flags unknown")
+    return (f"CPU: {info.get('model name') or platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} logical cores, ISA: {isa} (torch dispatch {torch.backends.cpu.get_cpu_capability()})")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -187,6 +214,54 @@ def throughput(runs: dict[str, Run], x: torch.Tensor, repeats: int) -> dict[str,
     return {name: len(x) / seconds for name, seconds in best.items()}
 
 
+# ---------------------------------------------------------------------------------------------- origin
+
+
+class InBF16(nn.Module):
+    """Its modules under bf16 autocast, float32 handed on: bf16 in one part of a network only."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return self.body(x).float()
+
+
+def tapped(run: Run, tap: nn.Module, images: Sequence[np.ndarray], size: Size, batch: int) -> tuple[np.ndarray, ...]:
+    """Pooled features and ``tap``'s output (flattened per image), from the same forward passes."""
+    outputs = []
+    hook = tap.register_forward_hook(lambda module, inputs, output: outputs.append(output.float().flatten(1).numpy()))
+    try:
+        pooled = features(run, images, size, batch)
+    finally:
+        hook.remove()
+    return pooled, np.concatenate(outputs)
+
+
+def origin_section(args, elpv: np.ndarray) -> None:
+    size = parse_sizes(args.sizes)[0]
+    subset = elpv[np.linspace(0, len(elpv) - 1, args.images).astype(int)]
+    print(f"\n4. Where the error is born: efficientnet_lite0 (imagenet), {len(subset)} ELPV images at "
+          f"{size[0]}x{size[1]}, bf16 autocast in part of the network, vs all of it in fp32")
+    print(f"{'bf16 in':22s} {'compared':16s} {'relL2 max':>9s} {'relL2 med':>9s} {'cos min':>9s} {'cos med':>9s}")
+    model = prepare_model(build_extractor("efficientnet_lite0", REAL_WEIGHTS["efficientnet_lite0"]), CPU)
+    stem_only = copy.deepcopy(model)  # BatchNorm is folded into conv_stem; bn1 is left with the activation
+    stem_only.trunk.conv_stem = InBF16(stem_only.trunk.conv_stem, stem_only.trunk.bn1)
+    stem_only.trunk.bn1 = nn.Identity()
+    batch = batch_for(size, args.batch)
+    pooled, stem = tapped(runner(model, CPU, "fp32"), model.trunk.bn1, subset, size, batch)
+    stem_pooled, stem_bf16 = tapped(runner(stem_only, CPU, "fp32"), stem_only.trunk.conv_stem, subset, size, batch)
+    rows = [("stem alone in bf16", "stem output", closeness(stem, stem_bf16)),
+            ("stem alone in bf16", "pooled features", closeness(pooled, stem_pooled)),
+            ("the whole network", "pooled features", closeness(pooled, features(runner(model, CPU, "bf16"), subset,
+                                                                                size, batch)))]
+    for where, compared, c in rows:
+        print(f"{where:22s} {compared:16s} {c['rel_l2']:9.4f} {c['rel_l2_median']:9.4f} {c['cos_min']:9.5f} "
+              f"{c['cos_median']:9.5f}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -276,6 +351,7 @@ def main() -> None:
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"oneDNN bf16 {torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(cpu_description())
     elpv, abnormal, modules = load_elpv(args.modules_csv)
     workdir = Path(tempfile.mkdtemp(prefix="xfeat-precision-"))
     try:
@@ -285,6 +361,7 @@ def main() -> None:
         if full:
             downstream_section(abnormal, modules, full)
         speed_section(args, elpv)
+        origin_section(args, elpv)
     finally:
         shutil.rmtree(workdir)
     print(f"\n{time.perf_counter() - start:.0f} s in all")

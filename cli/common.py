@@ -28,6 +28,41 @@ def names_arg(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def recalls_arg(text: str) -> tuple[float, ...]:
+    """Recall targets such as ``0.95,0.99`` (each in (0, 1]); ``none`` for no operating points."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(part) for part in names_arg(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected recalls such as 0.95,0.99, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"each recall must be in (0, 1], got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def add_dataset_rows(parser: argparse.ArgumentParser) -> None:
+    """``--data`` and ``--inner-folds``: which cached rows count, and how the nested thresholds are chosen."""
+    parser.add_argument("--data", metavar="DATA",
+                        help="only rows of this dataset's images as they are now")
+    parser.add_argument("--inner-folds", type=_inner_folds, default=None, metavar="K",
+                        help="nested thresholds on K groups of bundles")
+
+
+def _inner_folds(text: str) -> int:
+    return _int_at_least(2, text)
+
+
+def dataset_files(data: str, jobs: int | None = None) -> dict[str, str]:
+    """path -> SHA-256 of every image a dataset lists now (hashed and header-checked, not decoded; unreadable
+    files are left out, so their cached rows are too)."""
+    from xfeat.convert.scan import scan_dataset
+    from xfeat.io.dataset import find_images
+
+    scan = scan_dataset(find_images(data), jobs=jobs, decode=False, skip_bad=True)
+    return {str(r.path): s.sha256 for r, s in zip(scan.records, scan.images)}
+
+
 def _int_at_least(minimum: int, text: str) -> int:
     try:
         value = int(text)

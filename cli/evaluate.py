@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
-from xfeat_cli.common import add_common, names_arg, non_negative_int, positive_int, say
+from xfeat_cli.common import (add_common, add_dataset_rows, dataset_files, names_arg, non_negative_int, positive_int,
+                              recalls_arg, say)
 from xfeat.errors import XfeatError
 from xfeat.io.outputs import check_output
 
@@ -18,21 +20,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "every bundle; print the paper's Table 1 per classifier and write results to --report DIR.")
     p.add_argument("cache", help="HDF5 feature cache written by xfeat extract")
     p.add_argument("--clf", type=names_arg, default=("fc", "svm"),
-                   help="comma-separated classifiers: fc, svm, logreg, knn, mahalanobis (default fc,svm)")
-    p.add_argument("--methods", type=names_arg, default=None, help="methods (default: every method in the cache)")
+                   help="fc, svm, logreg, knn, mahalanobis (default fc,svm)")
+    p.add_argument("--methods", type=names_arg, default=None, help="default: every method in the cache")
     p.add_argument("--backbone", type=names_arg, default=None,
-                   help="backbones (default: the cache's only backbone, or resnet34)")
+                   help="default: the cache's only one, or resnet34")
     p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
-                   help="feature layer (default: fc1000 for svm as in the ResNet-50 paper, pool otherwise)")
+                   help="default: fc1000 for svm (ResNet-50 paper), else pool")
+    p.add_argument("--recall", type=recalls_arg, default=None, metavar="R1,R2",
+                   help="operating points, nested (default 0.95,0.99; none)")
     add_classifier_options(p)
+    add_dataset_rows(p)
     p.add_argument("--paper", action="store_true",
-                   help="the fuel-cell paper's protocol: resnet34, m1-m4, fc with its hyper-parameters")
-    p.add_argument("--report", metavar="DIR", help="write results.csv, results.json, predictions.csv, report.html")
+                   help="the fuel-cell paper's protocol: resnet34, m1-m4, fc")
+    p.add_argument("--report", metavar="DIR", help="write results, predictions, near-duplicates and report.html")
     p.add_argument("--json", action="store_true", help="print the overall records as JSON on stdout")
+    p.add_argument("--allow-near-duplicates", action="store_true",
+                   help="no warning for one part seen in two bundles")
     p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="run the configurations on this Dask cluster (tcp://HOST:PORT or a scheduler file) "
-                        "instead of --jobs local processes; the workers read CACHE at the same path "
-                        '(a shared filesystem). Needs pip install "xfeat[dask]"')
+                   help="run on this Dask cluster (tcp://HOST:PORT or a scheduler file; workers read CACHE at the "
+                        'same path); needs pip install "xfeat[dask]"')
     add_common(p)
     p.set_defaults(run=run)
 
@@ -42,11 +48,10 @@ def add_classifier_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default=None, metavar="HxW", help="input size group (default: the only one)")
     p.add_argument("--epochs", type=positive_int, default=None, help="fc: training epochs (default 50)")
     p.add_argument("--class-weight", choices=("balanced",), default=None,
-                   help="weight the loss by inverse class frequency (fc, svm, logreg)")
+                   help="inverse class frequency weights (fc, svm, logreg)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="fc: random seed")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="fc: matmul precision while training (default fp32; bf16 is ~1.3x faster on CPUs with "
-                        "AVX512-BF16 or AMX, keeps float32 weights, but is not bitwise equal)")
+                   help="fc training matmuls (default fp32; bf16 faster on AMX)")
 
 
 def classifier_params(args: argparse.Namespace, classifiers, params: dict | None = None) -> dict:
@@ -66,7 +71,9 @@ def classifier_params(args: argparse.Namespace, classifiers, params: dict | None
 
 
 def run(args: argparse.Namespace) -> int:
+    from xfeat.learn.duplicates import near_duplicates_in_cache
     from xfeat.learn.evaluation import PAPER, configurations, evaluate
+    from xfeat.learn.operating import DEFAULT_RECALLS
     from xfeat.scale.dask import dask_executor
     from xfeat.features.reading import list_groups
     from xfeat.report import format_tables, write_results
@@ -91,18 +98,23 @@ def run(args: argparse.Namespace) -> int:
         held = ", ".join(sorted({f"{g.backbone}/{g.method}" for g in groups}))
         raise XfeatError(f"{args.cache}: nothing to evaluate for backbone(s) {', '.join(backbones)} and classifiers "
                          f"{', '.join(classifiers) or '(none)'}; the cache holds {held}")
+    current = dataset_files(args.data, args.jobs) if args.data else None
+    recalls = DEFAULT_RECALLS if args.recall is None else args.recall
+    options = {"params": params, "recalls": recalls, "inner_folds": args.inner_folds, "current": current}
     if args.scheduler:
         with dask_executor(args.scheduler) as executor:
-            results = evaluate(args.cache, configs, params=params, executor=executor)
+            results = evaluate(args.cache, configs, executor=executor, **options)
     else:
-        results = evaluate(args.cache, configs, params=params, jobs=args.jobs or 1)
+        results = evaluate(args.cache, configs, jobs=min(args.jobs or os.cpu_count() or 1, len(configs)), **options)
+    groups_checked = [(r.config.backbone, r.config.method, r.config.size, r.features.paths) for r in results]
+    duplicates = near_duplicates_in_cache(args.cache, groups_checked)
     if args.json:  # stdout is for the script reading the JSON; the tables go to the person
         if not args.quiet:
             say(format_tables(results))
     else:
         print(format_tables(results))
     if args.report:
-        written = write_results(results, args.report)
+        written = write_results(results, args.report, near_duplicates=duplicate_rows(duplicates))
         if not args.quiet:
             say(f"wrote {', '.join(str(p) for p in written.values())}")
     if args.json:
@@ -113,9 +125,47 @@ def run(args: argparse.Namespace) -> int:
             f"{time.perf_counter() - start:.1f} s{where}")
     for note in filter(None, (r.constant_note() for r in results)):
         say(f"xfeat: warning: {note}")
+    for note in row_notes(results, args.cache):
+        say(f"xfeat: warning: {note}")
+    if not args.allow_near_duplicates:
+        for what, found in duplicates:
+            if found.pairs:
+                say(found.warning(what=what))
+    window_note = fold_window_note(args.cache, results)
+    if window_note:
+        say(window_note)
     if any(r.features.random_weights for r in results):
         say("xfeat: warning: features from random weights (--weights none): not ImageNet features")
     return 0
+
+
+def duplicate_rows(duplicates) -> list[dict]:
+    """near_duplicates.csv: one row per pair, with the features it was found in."""
+    return [{"features": what, **row} for what, found in duplicates for row in found.rows()]
+
+
+def fold_window_note(cache, results) -> str:
+    """Whether the held-out bundles helped fit the conversion window of a method that has one: "" when no
+    evaluated method uses a window (or the quiet case: every fold would get the same rounded window)."""
+    from xfeat.convert.methods import NEEDS_STATS
+    from xfeat.features.cache import FOLD_WINDOWS_UNAVAILABLE, fold_windows_of_cache
+
+    if not any(r.config.method in NEEDS_STATS for r in results):
+        return ""
+    folds = fold_windows_of_cache(cache, bundles=sorted({b for r in results for b in r.bundles}))
+    if folds is None:
+        return f"xfeat: note: {FOLD_WINDOWS_UNAVAILABLE}"
+    return f"xfeat: warning: {folds.describe()}" if folds.differing else ""
+
+
+def row_notes(results, cache) -> list[str]:
+    """What ``--data`` left out of each cache group, once per group."""
+    notes = {}
+    for r in results:
+        if r.rows is not None:
+            c = r.config
+            notes.setdefault((c.backbone, c.method, c.size), r.rows.note(f"{cache}: {c.backbone}/{c.method}"))
+    return [n for n in notes.values() if n]
 
 
 def default_backbone(groups, cache) -> tuple[str, ...]:

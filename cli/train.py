@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from xfeat_cli.common import add_common, names_arg, say
-from xfeat_cli.evaluate import add_classifier_options, classifier_params, default_backbone
+from xfeat_cli.common import add_common, add_dataset_rows, dataset_files, names_arg, say
+from xfeat_cli.evaluate import add_classifier_options, classifier_params, default_backbone, row_notes
 from xfeat.errors import XfeatError
 from xfeat.io.outputs import check_output
 
@@ -20,13 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (e.g. screen.xfeat)")
     p.add_argument("--backbone", default=None, help="backbone (default: the cache's only one, or resnet34)")
     p.add_argument("--method", default="m2", help="conversion method (default m2)")
-    p.add_argument("--clf", default="fc", help="classifier: fc, svm, logreg, knn, mahalanobis (default fc)")
+    p.add_argument("--clf", default="fc", help="fc, svm, logreg, knn, mahalanobis (default fc)")
     p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
                    help="feature layer (default: fc1000 for svm, pool otherwise)")
     add_classifier_options(p)
+    add_dataset_rows(p)
     p.add_argument("--target-recall", type=float, default=None, metavar="R",
-                   help="choose the threshold that flags at least this share of abnormal electrodes in the "
-                        "leave-one-bundle-out scores (e.g. 0.99); default: the classifier's own decision")
+                   help="flag at least this share of abnormal electrodes (e.g. 0.99), with the nested estimate "
+                        "for a new bundle; default: the classifier's own decision")
     p.add_argument("--exclude-bundles", type=names_arg, default=(), metavar="B1,B2",
                    help="leave these bundles out of training and validation (e.g. to try the model on them)")
     p.add_argument("--weights", default=None, metavar="PATH",
@@ -62,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     backbone = args.backbone or default_backbone(groups, args.cache)[0]
     params = classifier_params(args, (args.clf,)).get(args.clf, {})
     configurations((backbone,), (args.method,), (args.clf,), layer=args.layer)  # checks the names
+    current = dataset_files(args.data) if args.data else None
     validated = cross_validate(args.cache, backbone, args.method, args.clf, params=params, size=args.size,
-                               layer=args.layer, exclude_bundles=args.exclude_bundles)
+                               layer=args.layer, exclude_bundles=args.exclude_bundles,
+                               target_recall=args.target_recall, inner_folds=args.inner_folds, current=current)
     model = fit_model(validated, params, target_recall=args.target_recall, exclude_bundles=args.exclude_bundles,
                       cache=args.cache)
     model.weights_path = weights_path_for(model.settings, args.weights)
@@ -74,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         say(format_tables([validated]))
     if args.report:
-        written = write_results([validated], args.report, screening=screening)
+        written = write_results([validated], args.report, screening=screening,
+                                heldout=model.validation.get("heldout"))
         if not args.quiet:
             say(f"wrote {', '.join(str(p) for p in written.values())}")
     training = model.training
-    say(f"screening: {screening_text(screening)}")
+    say(f"screening: {screening_text(screening, model.validation.get('heldout'))}")
+    for note in row_notes([validated], args.cache):
+        say(f"xfeat: warning: {note}")
     if not args.quiet:
         say(f"trained {args.clf} on {training['images']} images ({training['abnormal']} abnormal) in "
             f"{len(training['bundles'])} bundles; wrote {args.out} in {time.perf_counter() - start:.1f} s")

@@ -48,8 +48,9 @@ def small_dataset(tmp_path: Path) -> Path:
 
 
 def write_feature_cache(path: Path, X: np.ndarray, y, bundles, *, backbone="toy", method="m2", fc=None,
-                        weights_kind="none") -> Path:
-    """A real cache holding given features ([N, F, D]), written through the same writer xfeat extract uses."""
+                        weights_kind="none", order=None) -> Path:
+    """A real cache holding given features ([N, F, D]), written through the same writer xfeat extract uses; row
+    i is image img<i> with content hash i, the rows written in ``order`` (default: as given)."""
     from xfeat.features.cache import CacheWriter, GroupSettings, Rows
 
     n, flips, dim = X.shape
@@ -61,7 +62,9 @@ def write_feature_cache(path: Path, X: np.ndarray, y, bundles, *, backbone="toy"
     fc_weight, fc_bias = fc if fc is not None else (rng.normal(0, 0.05, (1000, dim)), np.zeros(1000))
     with CacheWriter(path) as writer:
         writer.prepare([settings], {backbone: (fc_weight, fc_bias)}, None)
-        paths = [f"/data/{b}/img{i}.tif" for i, b in enumerate(bundles)]
-        writer.add({settings.key: Rows(np.asarray(X, np.float32), paths, [p[6:] for p in paths], list(bundles),
-                                       [int(v) for v in y], [f"{i:064x}" for i in range(n)], [8] * n, [8] * n)})
+        rows = np.arange(n) if order is None else np.asarray(order)
+        paths = [f"/data/{bundles[i]}/img{i}.tif" for i in rows]
+        writer.add({settings.key: Rows(np.asarray(X, np.float32)[rows], paths, [p[6:] for p in paths],
+                                       [bundles[i] for i in rows], [int(y[i]) for i in rows],
+                                       [f"{i:064x}" for i in rows], [8] * n, [8] * n)})
     return path

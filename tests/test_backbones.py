@@ -225,6 +225,11 @@ def test_efficientnet_lite0_reproduces_the_hand_written_models_reference_logits(
     reference = np.load(REFERENCE)
     extractor = build_extractor("efficientnet_lite0", weights="imagenet")
     rng = np.random.default_rng(0)
+    # What the tolerance catches, measured by mutating the model: BatchNorm eps 1e-5 instead of TF's 1e-3 moves pool
+    # and logits by up to 0.6-1.1, PyTorch's symmetric padding instead of "SAME" by up to 2.8 (224x224: every stride-2
+    # pad asymmetric) and 0.8 (250x130), thousands of times the tolerance; float rounding (float64, folded BatchNorm,
+    # one thread) stays under 1.4e-5. A wrong eps in one single layer can move them by only 3e-5: too close to
+    # rounding for any tolerance to tell apart on these images.
     for h, w in [(224, 224), (250, 130)]:
         image = rng.integers(0, 256, (1, 3, h, w)).astype(np.uint8)
         with torch.no_grad():

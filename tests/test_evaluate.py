@@ -13,6 +13,7 @@ from conftest import write_feature_cache
 from xfeat import load_features
 from xfeat.learn.classifiers import FCHead, abnormal_score, make_classifier
 from xfeat_cli.main import main
+from xfeat.learn.binary import fit_on
 from xfeat.learn.evaluation import Configuration, configurations, evaluate, leave_one_bundle_out
 from xfeat.errors import XfeatError
 
@@ -47,8 +48,8 @@ def test_nothing_is_fitted_on_the_held_out_bundle(toy_cache, clf):
     altered = fs.X.copy()
     altered[held_out] = np.random.default_rng(5).normal(3, 4, size=altered[held_out].shape)
     fs_altered = type(fs)(**{**fs.__dict__, "X": altered})
-    scores, _ = leave_one_bundle_out(fs_altered, clf)
-    model = clone(make_classifier(clf)).fit(fs.X[~held_out], fs.y[~held_out])  # trained without B2, untouched
+    scores = leave_one_bundle_out(fs_altered, clf).scores
+    model = fit_on(make_classifier(clf), fs.X[~held_out], fs.y[~held_out], fs.groups[~held_out])  # without B2
     np.testing.assert_allclose(scores[held_out], abnormal_score(model, altered[held_out]), rtol=1e-6, atol=1e-8)
 
 
@@ -58,7 +59,7 @@ def test_fc_heads_see_no_held_out_rows(toy_cache):
     altered = fs.X.copy()
     altered[held_out] += 7.0
     fs_altered = type(fs)(**{**fs.__dict__, "X": altered})
-    scores, _ = leave_one_bundle_out(fs_altered, "fc", FAST_FC)
+    scores = leave_one_bundle_out(fs_altered, "fc", FAST_FC).scores
     head = FCHead(fc_weight=fs.fc_weight, fc_bias=fs.fc_bias, **FAST_FC).fit(fs.X[~held_out], fs.y[~held_out])
     np.testing.assert_allclose(scores[held_out], abnormal_score(head, altered[held_out]), atol=1e-5)
 

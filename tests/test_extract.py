@@ -265,7 +265,7 @@ def test_extract_cli_summary_and_info(tmp_path, small_dataset, capsys):
     out = capsys.readouterr().out
     assert "features/resnet18/m1/96x48: 8 images x 4 flips (none,h,v,hv) x 512-d; RANDOM weights" in out
     assert "B1 3/1, B2 2/2" in out
-    assert "vs dataset: 1 missing, 0 stale (file changed), 1 not in the dataset" in out
+    assert "vs dataset: 1 missing, 0 stale (file changed), 1 cached rows whose file is gone from the dataset" in out
     info = describe_cache(cache)
     assert [g.n_images for g in info.groups] == [8, 8]
 

@@ -97,13 +97,16 @@ def test_an_image_gets_the_same_score_bits_alone_and_among_others(tmp_path, extr
     assert all(together[str(Path(p).resolve())] == s for p, s in zip(fs.paths, scores))
 
 
-def test_recall_target_holds_and_cleared_share_matches_a_recount(tmp_path, extracted, capsys):
+def test_the_threshold_and_its_figures_recount_from_the_reports_files(tmp_path, extracted, capsys):
+    """Bookkeeping: the threshold flags the target share of the out-of-fold screening scores it was chosen on
+    (true by construction, so not the promise; test_screening_honesty checks that), the model file, screening.json
+    and the line printed agree, and the nested estimate for a new bundle is recorded with its interval."""
     _, cache = extracted
     model_path = train(cache, tmp_path / "m.xfeat", "--clf", "logreg", "--target-recall", "0.75",
                        "--report", str(tmp_path / "rep"))
     screening = json.loads((tmp_path / "rep" / "screening.json").read_text())
     rows = list(read_rows(tmp_path / "rep" / "predictions.csv").values())
-    scores = np.array([float(r["score"]) for r in rows])
+    scores = np.array([float(r["screening_score"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
     flagged = scores > screening["threshold"]
     assert flagged[labels == 1].mean() >= 0.75
@@ -112,10 +115,17 @@ def test_recall_target_holds_and_cleared_share_matches_a_recount(tmp_path, extra
     assert screening["flagged"] == pytest.approx(flagged.mean())
     low, high = screening["cleared_interval"]
     assert low <= screening["cleared"] <= high
+    heldout = screening["heldout"]
+    assert heldout["target_recall"] == 0.75 and heldout["n_abnormal"] == 8
+    recount = [int(r["flagged_75"]) for r in rows if r["label"] == "1"]
+    assert heldout["recall"] == pytest.approx(np.mean(recount))
+    assert heldout["recall_interval"][0] <= heldout["recall"] <= heldout["recall_interval"][1]
     model = load_model(model_path)
     assert model.threshold == screening["threshold"] and model.target_recall == 0.75
     assert model.validation["screening"]["cleared"] == screening["cleared"]
-    assert "normal electrodes cleared without a look" in capsys.readouterr().err
+    assert model.validation["heldout"] == heldout
+    err = capsys.readouterr().err
+    assert "normal electrodes cleared without a look" in err and "on a new bundle expect" in err
 
 
 def test_the_model_file_holds_all_that_scoring_needs(tmp_path, extracted):

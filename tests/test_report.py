@@ -134,7 +134,7 @@ def test_predictions_csv(results, tmp_path):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == ["backbone", "method", "clf", "layer", "path", "bundle", "label", "score",
-                                 "decision"]
+                                 "decision", "screening_score"]
     assert len(rows) == sum(len(r.features.y) for r in results)
     first = results[0]
     assert [int(r["decision"]) for r in rows[:len(first.decisions)]] == first.decisions.tolist()

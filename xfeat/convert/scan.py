@@ -1,16 +1,18 @@
-"""One pass over a dataset: the pixel histogram for the global statistics, and each file's identity.
+"""One pass over a dataset: the pixel histograms for the global statistics, and each file's identity.
 
-Reading every image once gives what the conversions need (the summed 65,536-bin histogram, in constant
-memory) and what caches and leak checks need (the SHA-256 of every file), in worker processes. A pass that
-does not decode still reads each header: the pixel limit and the one-depth rule hold for every method.
+Reading every image once gives what the conversions need (a 65,536-bin histogram per bundle, whose sum is the
+dataset's, in memory that grows with the bundles, not the images) and what caches and leak checks need (the
+SHA-256 of every file), in worker processes. Keeping one histogram per bundle costs 512 KiB a bundle and
+tells what each leave-one-bundle-out fold's window would be without its held-out bundle (``convert.folds``).
+A pass that does not decode still reads each header: the pixel limit and the one-depth rule hold for every
+method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from xfeat.errors import DataError
 from xfeat.io.hashing import file_sha256
 from xfeat.io.images import MAX_PIXELS, load_image, read_header
 from xfeat.io.parallel import map_chunks
+from xfeat.convert.folds import FoldWindows, fold_windows
 from xfeat.convert.stats import N_LEVELS, WindowStats, pixel_histogram, window_stats
 
 
@@ -35,13 +38,14 @@ class ScannedImage:
 
 @dataclass(frozen=True)
 class Scan:
-    """A dataset's pixel histogram (readable images only) and what was learnt of each image."""
+    """A dataset's pixel histograms (readable images only) and what was learnt of each image."""
 
     records: tuple[ImageRecord, ...]  # the images that were read
     images: tuple[ScannedImage, ...]
-    histogram: np.ndarray
+    histogram: np.ndarray  # the sum of bundle_histograms
     bit_depth: int
     skipped: tuple[Skipped, ...]
+    bundle_histograms: dict[str, np.ndarray] = field(default_factory=dict)  # bundle -> its images' histogram
 
     def window_stats(self, *, low: float = 0.01, high: float = 99.99, round_to: int | None = 100) -> WindowStats:
         if not self.histogram.any():
@@ -49,11 +53,22 @@ class Scan:
         return window_stats(self.histogram, n_images=len(self.records), bit_depth=self.bit_depth, low=low,
                             high=high, round_to=round_to)
 
+    def images_per_bundle(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.records:
+            counts[record.bundle] = counts.get(record.bundle, 0) + 1
+        return counts
 
-def _hash_chunk(paths: Sequence[Path], *, hashes: bool = True, max_pixels: int = MAX_PIXELS
-                ) -> tuple[np.ndarray, list[ScannedImage]]:
+    def fold_windows(self, global_window: WindowStats | None = None) -> FoldWindows:
+        """Each bundle's fold window against ``global_window`` (default: ``self.window_stats()``)."""
+        reference = self.window_stats() if global_window is None else global_window
+        return fold_windows(self.bundle_histograms, reference, self.images_per_bundle())
+
+
+def _hash_chunk(records: Sequence[ImageRecord], *, hashes: bool = True, max_pixels: int = MAX_PIXELS
+                ) -> tuple[dict[str, np.ndarray], list[ScannedImage]]:
     scanned = []
-    for path in paths:
+    for path in (r.path for r in records):
         try:
             header = read_header(path, max_pixels=max_pixels)
             height, width, depth = header.height, header.width, header.bit_depth
@@ -65,22 +80,26 @@ def _hash_chunk(paths: Sequence[Path], *, hashes: bool = True, max_pixels: int =
             scanned.append(ScannedImage(problem=e.problem))
         except OSError as e:
             scanned.append(ScannedImage(problem=f"cannot read file ({e.strerror or e})"))
-    return np.zeros(N_LEVELS, dtype=np.int64), scanned
+    return {}, scanned
 
 
-def _scan_chunk(paths: Sequence[Path], *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[ScannedImage]]:
-    hist = np.zeros(N_LEVELS, dtype=np.int64)
+def _scan_chunk(records: Sequence[ImageRecord], *, max_pixels: int = MAX_PIXELS
+                ) -> tuple[dict[str, np.ndarray], list[ScannedImage]]:
+    """The chunk's histogram per bundle (a chunk of a sorted dataset spans one or two bundles)."""
+    hists: dict[str, np.ndarray] = {}
     scanned = []
-    for path in paths:
+    for record in records:
         try:
-            image = load_image(path, max_pixels=max_pixels)
+            image = load_image(record.path, max_pixels=max_pixels)
         except DataError as e:
             scanned.append(ScannedImage(problem=e.problem))
             continue
-        hist += pixel_histogram(image.pixels)
+        if record.bundle not in hists:
+            hists[record.bundle] = np.zeros(N_LEVELS, dtype=np.int64)
+        hists[record.bundle] += pixel_histogram(image.pixels)
         h, w = image.pixels.shape
         scanned.append(ScannedImage(image.sha256, h, w, image.pixels.dtype.itemsize * 8))
-    return hist, scanned
+    return hists, scanned
 
 
 def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = False, decode: bool = True,
@@ -92,17 +111,23 @@ def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = 
     know what a cache already holds and to refuse mixed depths, at the cost of reading the bytes, not decoding
     them; with ``hashes=False`` too it reads the headers alone. Images declaring more than ``max_pixels``
     pixels are refused from their headers either way.
+
+    A decoding scan keeps one histogram per bundle (``Scan.bundle_histograms``, in dataset order; bundles
+    without a readable image are left out) and their sum (``Scan.histogram``).
     """
-    paths = [r.path for r in dataset.records]
-    hist = np.zeros(N_LEVELS, dtype=np.int64)
+    bundle_hists: dict[str, np.ndarray] = {}
     scanned: list[ScannedImage] = []
     chunk_func = partial(_scan_chunk, max_pixels=max_pixels) if decode else \
         partial(_hash_chunk, hashes=hashes, max_pixels=max_pixels)
-    for chunk, (chunk_hist, chunk_scanned) in map_chunks(chunk_func, paths, jobs=jobs):
-        for path, image in zip(chunk, chunk_scanned):
+    for chunk, (chunk_hists, chunk_scanned) in map_chunks(chunk_func, dataset.records, jobs=jobs):
+        for record, image in zip(chunk, chunk_scanned):
             if image.problem and not skip_bad:
-                raise DataError(path, image.problem)
-        hist += chunk_hist
+                raise DataError(record.path, image.problem)
+        for bundle, chunk_hist in chunk_hists.items():
+            if bundle in bundle_hists:
+                bundle_hists[bundle] += chunk_hist
+            else:
+                bundle_hists[bundle] = chunk_hist
         scanned.extend(chunk_scanned)
         if progress:
             progress(len(chunk))
@@ -117,5 +142,8 @@ def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = 
         first = {s.bit_depth: r.path for r, s in reversed(kept)}
         raise DataError(dataset.source, f"mixes 8-bit and 16-bit images (e.g. {first[8]} and {first[16]}); "
                                         "convert them to one depth first")
+    hist = np.zeros(N_LEVELS, dtype=np.int64)
+    for bundle_hist in bundle_hists.values():
+        hist += bundle_hist
     return Scan(records=tuple(r for r, _ in kept), images=tuple(s for _, s in kept), histogram=hist,
-                bit_depth=depths.pop(), skipped=tuple(skipped))
+                bit_depth=depths.pop(), skipped=tuple(skipped), bundle_histograms=bundle_hists)

@@ -4,6 +4,8 @@ Layout (documented in docs/cache-format.md)::
 
     /                                   attrs: format, format_version, xfeat_version, created, updated,
                                                window_stats (JSON), g_min, g_max
+    /window_histograms  int64 [B, 65536]   each bundle's pixel histogram from the scan that fitted window_stats
+                                           attrs: bundles, n_images (absent in caches written before it)
     /features/<backbone>/<method>/<H>x<W>    attrs: the settings the features were computed with
         pool       float32 [N, F, D]   pooled trunk output for F flip variants (none, h, v, hv)
         fc_weight  float32 [1000, D]   the backbone's ImageNet fc layer: fc1000 = pool @ fc_weight.T + fc_bias
@@ -32,7 +34,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +46,8 @@ from filelock import FileLock, Timeout
 from xfeat import __version__
 from xfeat.errors import XfeatError, XfeatWarning
 from xfeat.io.atomic import atomic_write, replacing
-from xfeat.convert.stats import WindowStats
+from xfeat.convert.folds import FoldWindows, fold_windows, window_like
+from xfeat.convert.stats import N_LEVELS, WindowStats
 
 FORMAT = "xfeat.features"
 FORMAT_VERSION = 1
@@ -165,6 +168,75 @@ def open_cache(path: str | os.PathLike[str]) -> h5py.File:
 def stored_window_stats(f: h5py.File) -> WindowStats | None:
     text = f.attrs.get("window_stats")
     return WindowStats.from_dict(json.loads(text)) if text else None
+
+
+WINDOW_HISTOGRAMS = "window_histograms"
+FOLD_WINDOWS_UNAVAILABLE = ("conversion windows: this cache holds no per-bundle histograms (written before they "
+                            "were stored, or with --stats), so what each held-out bundle's window would be without "
+                            "it is unknown; run xfeat info CACHE --data DATA to rescan, or extract into a new cache")
+
+
+def _store_window_histograms(f: h5py.File, histograms: Mapping[str, np.ndarray], n_images: Mapping[str, int]) -> None:
+    """Each bundle's histogram as one row of a compressed, checksummed int64 dataset; bundle names and image
+    counts as its attributes (fixed-width UTF-8: nothing in HDF5's unchecked global heap)."""
+    bundles = list(histograms)
+    data = np.stack([np.asarray(histograms[b], dtype=np.int64) for b in bundles])
+    ds = f.create_dataset(WINDOW_HISTOGRAMS, data=data, chunks=(1, N_LEVELS), compression="gzip",
+                          compression_opts=4, shuffle=True, fletcher32=True)
+    names = [b.encode("utf-8") for b in bundles]
+    ds.attrs.create("bundles", np.array(names), dtype=h5py.string_dtype("utf-8", _text_width(max(map(len, names)))))
+    ds.attrs["n_images"] = np.array([int(n_images.get(b, 0)) for b in bundles], dtype=np.int64)
+    ds.attrs["description"] = ("row b: counts of the pixel values 0..65535 of the images of bundle b, from the scan "
+                               "that fitted window_stats; the rows add up to that scan's histogram")
+
+
+def stored_window_histograms(f: h5py.File) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
+    """bundle -> histogram and bundle -> images, as stored with the window statistics; None in caches written
+    before per-bundle histograms were stored. A damaged dataset is a ``CacheError``."""
+    if WINDOW_HISTOGRAMS not in f:
+        return None
+    try:
+        ds = f[WINDOW_HISTOGRAMS]
+        data = ds[...]
+        bundles = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in ds.attrs["bundles"].tolist()]
+        counts = ds.attrs["n_images"].tolist()
+    except (*_READ_ERRORS, KeyError) as e:
+        raise CacheError(f"{f.filename}: {WINDOW_HISTOGRAMS}: unreadable ({_first_line(e)}) (damaged file)") from None
+    if data.shape != (len(bundles), N_LEVELS) or len(counts) != len(bundles) or (data < 0).any():
+        raise CacheError(f"{f.filename}: {WINDOW_HISTOGRAMS}: impossible shape or values (damaged file)")
+    return dict(zip(bundles, data)), {b: int(n) for b, n in zip(bundles, counts)}
+
+
+def fold_windows_of_cache(cache: str | os.PathLike[str], bundles: Sequence[str] | None = None) -> FoldWindows | None:
+    """What each held-out bundle's window would be had the other bundles alone fitted it (``convert.folds``).
+
+    ``bundles``: the held-out bundles to report (default: every bundle the window's scan saw); one the scan
+    did not see (added to the cache later) gets the global window, which its pixels never entered. None when
+    the cache holds no window statistics or no per-bundle histograms (say ``FOLD_WINDOWS_UNAVAILABLE``).
+    Raises ``CacheError`` when the stored histograms are damaged or do not add up to the stored window.
+    """
+    with open_cache(cache) as f:
+        stats = stored_window_stats(f)
+        stored = stored_window_histograms(f) if stats is not None else None
+    if stored is None:
+        return None
+    histograms, n_images = stored
+    if not _adds_up(histograms, stats):
+        raise CacheError(f"{cache}: {WINDOW_HISTOGRAMS} do not add up to the stored window_stats (damaged or "
+                         "edited file)")
+    return fold_windows(histograms, stats, n_images, bundles)
+
+
+def _adds_up(histograms: Mapping[str, np.ndarray], stats: WindowStats) -> bool:
+    """True when the histograms' sum gives ``stats``: they are what it was fitted on."""
+    total = np.zeros(N_LEVELS, np.int64)
+    for hist in histograms.values():
+        total += hist
+    if not total.any():
+        return False
+    again = window_like(total, stats, stats.n_images)
+    return (again.g_min, again.g_max, again.raw_low, again.raw_high, again.n_pixels) == (
+        stats.g_min, stats.g_max, stats.raw_low, stats.raw_high, stats.n_pixels)
 
 
 def cache_path(path: str | os.PathLike[str]) -> Path:
@@ -474,9 +546,13 @@ class CacheWriter:
 
     # -- writing ---------------------------------------------------------------------------------
     def prepare(self, groups: Sequence[GroupSettings], fc: dict[str, tuple[np.ndarray, np.ndarray]],
-                stats: WindowStats | None) -> None:
+                stats: WindowStats | None, bundle_histograms: Mapping[str, np.ndarray] | None = None,
+                bundle_images: Mapping[str, int] | None = None) -> None:
         """Create missing groups (with their fc weights) and store the window statistics, refusing to mix
-        settings: a group computed differently, or statistics other than the stored ones, stop the run."""
+        settings: a group computed differently, or statistics other than the stored ones, stop the run.
+
+        ``bundle_histograms`` (bundle -> histogram, with ``bundle_images``: bundle -> images) are the scan's
+        that fitted ``stats``: stored with them, and only with them (statistics stored before stay alone)."""
         existing = {}
         stored_stats = None
         fc_damage: dict[str, list[Damage]] = {}
@@ -509,6 +585,8 @@ class CacheWriter:
             if stats is not None and stored_stats is None:
                 f.attrs["window_stats"] = json.dumps(stats.to_dict())
                 f.attrs["g_min"], f.attrs["g_max"] = stats.g_min, stats.g_max
+                if bundle_histograms:
+                    _store_window_histograms(f, bundle_histograms, bundle_images or {})
             for g in new:
                 _create_group(f, g, *fc[g.backbone])
             for g in refresh:

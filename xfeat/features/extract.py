@@ -227,13 +227,15 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
     scan = scan_dataset(dataset, jobs=config.jobs, skip_bad=skip_bad, decode=needs_stats and stats is None,
                         max_pixels=config.max_pixels)
     warn_leaks(scan.records, [s.sha256 for s in scan.images])
-    if needs_stats and stats is None:
+    fitted_here = needs_stats and stats is None  # then the scan's per-bundle histograms are stored with them
+    if fitted_here:
         stats = scan.window_stats()
     groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
               for b in config.backbones for m in config.methods}
     writer.prepare(list(groups.values()),
                    {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
-                   stats if needs_stats else None)
+                   stats if needs_stats else None,
+                   scan.bundle_histograms if fitted_here else None, scan.images_per_bundle() if fitted_here else None)
     work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
     return Plan(scan, stats, groups, work)
 

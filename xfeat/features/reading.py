@@ -27,7 +27,8 @@ class FeatureSet:
     """Features of one (backbone, method, input size) group, row-aligned with their images.
 
     ``X`` is [N, D] for one flip variant, [N, F, D] with ``flips="all"``; ``y`` is 1 for abnormal;
-    ``groups`` holds the bundles (the groups of leave-one-bundle-out).
+    ``groups`` holds the bundles (the groups of leave-one-bundle-out). Rows are sorted by bundle, then path:
+    the order in which images happened to be extracted never reaches a result.
     """
 
     X: np.ndarray
@@ -139,6 +140,7 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
         X = fc1000(pool, fc_weight, fc_bias) if layer == "fc1000" else pool
         sha256 = c["sha256"]
         rows = _latest_per_content(sha256, cache, f"{base}/{size}")
+        rows = rows[np.lexsort((c["path"][rows], c["bundle"][rows]))]  # bundle, then path: not extraction order
         return FeatureSet(
             X=X[rows], y=c["label"][rows], groups=c["bundle"][rows], paths=c["path"][rows], sha256=sha256[rows],
             layer=layer, flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,

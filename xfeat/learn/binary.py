@@ -4,6 +4,8 @@ row-by-row arithmetic that gives a row the same score whichever rows are scored 
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 
@@ -17,6 +19,57 @@ def abnormal_score(estimator, X) -> np.ndarray:
     if hasattr(estimator, "decision_function"):
         return np.asarray(estimator.decision_function(X), dtype=np.float64).ravel()
     return np.asarray(estimator.predict_proba(X), dtype=np.float64)[:, 1]
+
+
+def screening_score(estimator, X, scale: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """The score a recall target's threshold is chosen on: (raw - offset) / unit, ``scale`` = (offset, unit)
+    from ``screening_scale``; raw is a one-class model's distance to the normal images (``anomaly_score``), else
+    ``abnormal_score``.
+
+    Thresholds chosen on some models' scores are applied to another model's (the inner folds' to the outer
+    fold's, the fold models' to the shipped one), so every model's scores are put on one scale first. A one-class
+    distance has one already (its ``decision_function`` subtracts a threshold fitted per model: it does not).
+    """
+    offset, unit = scale
+    if hasattr(estimator, "anomaly_score"):
+        raw = np.asarray(estimator.anomaly_score(X), dtype=np.float64).ravel()
+    else:
+        raw = abnormal_score(estimator, X)
+    return (raw - offset) / unit
+
+
+def screening_scale(estimator, X_train, y_train) -> tuple[float, float]:
+    """(offset, unit) of a fitted model's screening scores: 0 at the median score of its own normal training
+    images, 1 at that of its abnormal ones; (0, 1) for a one-class distance.
+
+    A classifier's raw scale is its own: an fc head trained on more rows, or for more steps, gives larger logits,
+    and a head that barely learned gives nearly one constant, different in each fold. Anchored on what each model
+    makes of its own training images, thresholds carry from model to model. (The nested evaluation measures how
+    well: it transfers thresholds exactly this way.)
+    """
+    if hasattr(estimator, "anomaly_score"):
+        return 0.0, 1.0
+    scores, y = abnormal_score(estimator, X_train), np.asarray(y_train)
+    normal, abnormal = float(np.median(scores[y == 0])), float(np.median(scores[y == 1]))
+    unit = abnormal - normal
+    if not unit > 0:  # the model ranks its own training images the wrong way round, or not at all
+        unit = float(np.std(scores)) or 1.0
+    return normal, unit
+
+
+def decision_threshold(estimator, cut: float, scale: tuple[float, float]) -> float:
+    """The threshold on ``abnormal_score`` (the decision function a model file thresholds) equivalent to
+    ``screening_score(estimator, X, scale) > cut``."""
+    offset, unit = scale
+    raw = offset + unit * cut
+    return raw - estimator.threshold_ if hasattr(estimator, "anomaly_score") else raw
+
+
+def fit_on(estimator, X, y, groups=None):
+    """``estimator.fit(X, y)``, passing the rows' bundles (``groups``) to a ``fit`` that takes them."""
+    if groups is not None and "groups" in inspect.signature(estimator.fit).parameters:
+        return estimator.fit(X, y, groups=groups)
+    return estimator.fit(X, y)
 
 
 def binary_labels(estimator, y, allow_normal_only: bool = False) -> tuple[np.ndarray, np.ndarray]:

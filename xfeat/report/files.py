@@ -23,9 +23,12 @@ if TYPE_CHECKING:
     from xfeat.learn.evaluation import ConfigurationResult
     from xfeat.screening.threshold import ScreeningOutcome
 
-PREDICTION_COLUMNS = ("backbone", "method", "clf", "layer", "path", "bundle", "label", "score", "decision")
+PREDICTION_COLUMNS = ("backbone", "method", "clf", "layer", "path", "bundle", "label", "score", "decision",
+                      "screening_score")  # then flagged_<R> per recall target
 # every file write_results may put in its folder: a command checks none of its inputs is there (xfeat.io.outputs)
-REPORT_FILES = ("results.csv", "results.json", "predictions.csv", "report.html", "screening.json")
+REPORT_FILES = ("results.csv", "results.json", "predictions.csv", "report.html", "screening.json",
+                "near_duplicates.csv")
+DUPLICATE_COLUMNS = ("features", "path_a", "bundle_a", "path_b", "bundle_b", "distance", "ratio")
 
 
 def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -43,7 +46,8 @@ def records(results: Sequence[ConfigurationResult]) -> list[dict]:
 
 
 def write_results(results: Sequence[ConfigurationResult], out_dir: str | os.PathLike[str], *,
-                  screening: ScreeningOutcome | None = None) -> dict[str, Path]:
+                  screening: ScreeningOutcome | None = None, heldout: dict | None = None,
+                  near_duplicates: Sequence[dict] | None = None) -> dict[str, Path]:
     """Write results.csv, results.json, predictions.csv and report.html into ``out_dir`` (and screening.json
     with a screening outcome: a trained model's threshold on the out-of-fold scores); return their paths."""
     out = Path(out_dir)
@@ -57,11 +61,16 @@ def write_results(results: Sequence[ConfigurationResult], out_dir: str | os.Path
     texts = {
         "results.csv": _csv_text(rows, columns),
         "results.json": json.dumps({"header": header, "records": rows}, indent=1, allow_nan=False) + "\n",
-        "predictions.csv": _csv_text(predictions, PREDICTION_COLUMNS),
-        "report.html": render_html(results, created=created, screening=screening),
+        "predictions.csv": _csv_text(predictions, list(dict.fromkeys([*PREDICTION_COLUMNS,
+                                                                    *(k for p in predictions for k in p)]))),
+        "report.html": render_html(results, created=created, screening=screening, heldout=heldout,
+                                   near_duplicates=near_duplicates),
     }
+    if near_duplicates is not None:
+        texts["near_duplicates.csv"] = _csv_text(near_duplicates, DUPLICATE_COLUMNS)
     if screening is not None:
-        texts["screening.json"] = json.dumps(plain(screening.to_dict()), indent=1, allow_nan=False) + "\n"
+        content = {**screening.to_dict(), "heldout": heldout}
+        texts["screening.json"] = json.dumps(plain(content), indent=1, allow_nan=False) + "\n"
     paths = {}
     for name, text in texts.items():
         paths[name] = out / name

@@ -1,4 +1,5 @@
-"""The report's figures: per-bundle bars, confusion matrices and ROC curves, as PNG for the HTML page.
+"""The report's figures: per-bundle bars, confusion matrices, ROC and cleared-vs-recall curves, as PNG for the
+HTML page.
 
 matplotlib ``Figure`` objects are used directly (no pyplot): they render with Agg and never open a window, and
 matplotlib is imported only when a figure is made, so the console path never pays for it.
@@ -121,4 +122,38 @@ def roc_curves(group: Sequence[ConfigurationResult]) -> Figure:
     return fig
 
 
-__all__ = ["bundle_bars", "confusion_matrices", "png_base64", "roc_curves"]
+def cleared_curves(group: Sequence[ConfigurationResult]) -> Figure:
+    """Normal images cleared against abnormal recall, one curve per method from the pooled out-of-fold scores;
+    the nested held-out operating points marked, with their bundle-bootstrap intervals as error bars."""
+    from sklearn.metrics import roc_curve
+
+    fig = _figure(5.6, 4.2)
+    ax = fig.subplots()
+    for r, color in zip(group, _colors(len(group))):
+        y = np.asarray(r.features.y)
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, r.screening_scores)
+        ax.plot(100 * tpr, 100 * (1 - fpr), color=color, linewidth=1.2, label=_mpl_text(r.config.method))
+        for point, marker in zip(r.operating, "os^Dv"):
+            if np.isnan(point.recall):
+                continue
+            (rl, rh), (cl, ch) = point.interval("tpr"), point.interval("tnr")
+            x, yy = 100 * point.recall, 100 * point.cleared
+            ax.errorbar(x, yy, xerr=[[x - 100 * rl], [100 * rh - x]], yerr=[[yy - 100 * cl], [100 * ch - yy]],
+                        color=color, marker=marker, markersize=6, capsize=2, linewidth=0.8)
+    for point, marker in zip(group[0].operating, "os^Dv"):
+        ax.axvline(100 * point.target, color="grey", linewidth=0.7, linestyle=":")
+        ax.plot([], [], color="black", marker=marker, linestyle="none",
+                label=f"held out, target {100 * point.target:g}%")
+    ax.set_xlim(50, 100.5)
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("abnormal recall (%)")
+    ax.set_ylabel("normal cleared without a look (%)")
+    ax.set_title(_mpl_text(f"{group[0].config.backbone} / {group[0].config.clf}"), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+__all__ = ["bundle_bars", "cleared_curves", "confusion_matrices", "png_base64", "roc_curves"]

@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from xfeat.learn.evaluation import ConfigurationResult
+    from xfeat.learn.operating import OperatingPoint
 
 WIDTH = 100  # console columns a table must fit (6 methods)
 BEST = "*"
 ONE_CLASS = "†"
 MISSING = "–"
 BANNER = "RANDOM WEIGHTS: not ImageNet features"
+HELD_OUT_NOTE = ("cleared@R: % of normal images cleared without a look when each held-out bundle's threshold is\n"
+                 "chosen for recall R on the other bundles alone (nested); recall@R: the recall achieved there;\n"
+                 "(low–high): 95% interval, resampling bundles.")
 ONE_CLASS_NOTE = (f"{ONE_CLASS} one class in this bundle: the rate shown is TNR (normal only) / "
                   "TPR (abnormal only)")
 
@@ -108,14 +112,36 @@ def build_table(group: Sequence[ConfigurationResult]) -> Table:
     overall = [r.overall for r in group]
     table.rows.append(Row("Overall", [_percent_cell(c.balanced_accuracy, c.single_class) for c in overall],
                           overall[0].n, overall[0].tp + overall[0].fn, rule_above=True))
-    aurocs = [r.overall_auroc for r in group]
-    table.rows.append(Row("AUROC", [Cell(MISSING) if math.isnan(a) else Cell(f"{a:.3f}", round(a, 3))
-                                    for a in aurocs]))
-    for row in table.rows:
-        _mark_best(row.cells)
     intervals = [r.interval() for r in group]
     table.rows.append(Row("95% CI", [Cell(MISSING) if math.isnan(lo) else Cell(f"{100 * lo:.1f}–{100 * hi:.1f}")
                                      for lo, hi in intervals], marked=False))
+    for target in dict.fromkeys(p.target for r in group for p in r.operating):
+        points = [r.operating_point(target) for r in group]
+        key = f"{100 * target:g}"
+        table.rows.append(Row(f"cleared@{key}", [_held_out_cell(p, "cleared", "tnr") for p in points],
+                              rule_above=True))
+        table.rows.append(Row(f"recall@{key}", [_held_out_cell(p, "recall", "tpr") for p in points], marked=False))
+    aurocs = [r.overall_auroc for r in group]
+    table.rows.append(Row("AUROC", [_auroc_cell(a) for a in aurocs], rule_above=True))
+    table.rows.append(Row("AUROC/bundle", [_auroc_cell(r.mean_bundle_auroc) for r in group]))
+    for row in table.rows:
+        if row.marked:
+            _mark_best(row.cells)
+    return table
+
+
+def _auroc_cell(value: float) -> Cell:
+    return Cell(MISSING) if math.isnan(value) else Cell(f"{value:.3f}", round(value, 3))
+
+
+def _held_out_cell(point: OperatingPoint | None, name: str, statistic: str) -> Cell:
+    """A nested held-out share with its bundle-bootstrap interval: "41.2 (33–50)"."""
+    value = math.nan if point is None else getattr(point, name)
+    if math.isnan(value):
+        return Cell(MISSING)
+    low, high = point.interval(statistic)
+    text = f"{100 * value:.1f}"
+    return Cell(f"{text} ({100 * low:.0f}–{100 * high:.0f})", float(text))
     return table
 
 
@@ -152,7 +178,10 @@ def render_text(table: Table, width: int = WIDTH) -> str:
             lines.append(rule)
         lines.append(line)
     lines += [rule, f"{BEST} best in row (ties all marked). Overall: TP/FP/TN/FN summed over folds.",
-              "AUROC: pooled out-of-fold scores. 95% CI: bootstrap resampling whole bundles."]
+              "95% CI: bootstrap resampling whole bundles. AUROC: pooled out-of-fold scores; AUROC/bundle: mean",
+              "over the bundles holding both classes."]
+    if any(row.label.startswith("cleared@") for row in table.rows):
+        lines.append(HELD_OUT_NOTE)
     if table.has_one_class:
         lines.append(ONE_CLASS_NOTE)
     return "\n".join(line.rstrip() for line in lines)

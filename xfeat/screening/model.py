@@ -9,9 +9,10 @@ learned parameters, ``xfeat.screening.estimator_state``). Scoring images is ``xf
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +24,9 @@ from xfeat.features.extractor import FeatureExtractor, build_extractor, extracto
 from xfeat.features.weights import WeightsInfo, read_state_dict, weights_file_for
 from xfeat.io.hashing import file_sha256
 from xfeat.features.cache import GroupSettings
+from xfeat.learn.binary import decision_threshold, fit_on, screening_scale
 from xfeat.learn.classifiers import FCHead, abnormal_score, make_classifier
+from xfeat.learn.operating import OperatingPoint, recall_threshold
 from xfeat.errors import DataError, XfeatError
 from xfeat.screening.estimator_state import estimator_from_state, estimator_state
 from xfeat.learn.evaluation import DEFAULT_LAYER, Configuration, ConfigurationResult, evaluate_configuration
@@ -31,7 +34,7 @@ from xfeat.learn.threads import one_thread
 from xfeat.features.reading import FeatureSet
 from xfeat.screening.model_file import read_model_file, write_model_file
 from xfeat.io.jsonable import plain
-from xfeat.screening.threshold import ScreeningOutcome, recall_threshold, screening_outcome
+from xfeat.screening.threshold import ScreeningOutcome, screening_outcome
 from xfeat.convert.stats import WindowStats
 
 MODEL_KIND = "xfeat screening model"
@@ -68,10 +71,14 @@ class ScreeningModel:
 
 def cross_validate(cache: str | os.PathLike[str], backbone: str, method: str, classifier: str, *,
                    params: dict | None = None, size: str | None = None, layer: str | None = None,
-                   exclude_bundles: Sequence[str] = ()) -> ConfigurationResult:
-    """Leave-one-bundle-out on the images a model would be trained on: its metrics and out-of-fold scores."""
+                   exclude_bundles: Sequence[str] = (), target_recall: float | None = None,
+                   inner_folds: int | None = None, current: Mapping[str, str] | None = None) -> ConfigurationResult:
+    """Leave-one-bundle-out on the images a model would be trained on: its metrics and out-of-fold scores, and
+    with ``target_recall`` the nested estimate of what that target achieves on a new bundle."""
     config = Configuration(backbone, method, classifier, layer or DEFAULT_LAYER.get(classifier, "pool"), size or "")
-    return evaluate_configuration(cache, config, params, exclude_bundles=exclude_bundles)
+    recalls = () if target_recall is None else (target_recall,)
+    return evaluate_configuration(cache, config, params, exclude_bundles=exclude_bundles, recalls=recalls,
+                                  inner_folds=inner_folds, current=current)
 
 
 def fit_model(validated: ConfigurationResult, params: dict | None = None, *, target_recall: float | None = None,
@@ -79,26 +86,40 @@ def fit_model(validated: ConfigurationResult, params: dict | None = None, *, tar
     """Fit the validated configuration on all its images (``exclude_bundles`` only names what was left out).
 
     The threshold is 0 on the classifier's decision function (its own decision), or, with ``target_recall``,
-    the highest one that flags at least that share of abnormal images in the out-of-fold scores.
+    the highest one that flags at least that share of abnormal images in the out-of-fold screening scores
+    (``xfeat.learn.binary.screening_score``: each fold model's scores on the scale anchored by its own training
+    images), carried to the shipped model's decision function through its own anchors. The
+    recall to expect on a new bundle is the nested estimate of ``validated`` (``expected``), which ran this very
+    procedure with each bundle held out.
     """
     fs, config = validated.features, validated.config
-    threshold = 0.0 if target_recall is None else recall_threshold(validated.scores, fs.y, target_recall)
-    screening = screening_outcome(validated.scores, fs.y, fs.groups, threshold, target_recall)
     with one_thread():  # the same arithmetic as the evaluation's folds
         estimator = _fit(fs, config.clf, dict(params or {}))
+    if target_recall is None:  # the fold models' own decisions
+        threshold, expected = 0.0, None
+        screening = screening_outcome(validated.scores, fs.y, fs.groups, threshold)
+    else:
+        cut = recall_threshold(validated.screening_scores, fs.y, target_recall)
+        with one_thread():
+            threshold = decision_threshold(estimator, cut, screening_scale(estimator, fs.X, fs.y))
+        expected = validated.operating_point(target_recall)
+        outcome = screening_outcome(validated.screening_scores, fs.y, fs.groups, cut, target_recall)
+        screening = dataclasses.replace(outcome, threshold=threshold)
     return ScreeningModel(
         settings=fs.settings, layer=config.layer, classifier=config.clf, estimator=estimator,
         threshold=threshold, window_stats=fs.window_stats, target_recall=target_recall,
-        training=_training_summary(cache, fs, exclude_bundles), validation=_validation(validated, screening))
+        training=_training_summary(cache, fs, exclude_bundles), validation=_validation(validated, screening, expected))
 
 
 def train_model(cache: str | os.PathLike[str], backbone: str, method: str, classifier: str, *,
                 params: dict | None = None, size: str | None = None, layer: str | None = None,
-                target_recall: float | None = None, exclude_bundles: Sequence[str] = ()) -> ScreeningModel:
+                target_recall: float | None = None, exclude_bundles: Sequence[str] = (),
+                inner_folds: int | None = None, current: Mapping[str, str] | None = None) -> ScreeningModel:
     """``cross_validate`` then ``fit_model``: a model trained on every cached image of the group but those of
     ``exclude_bundles`` (e.g. a bundle held back to try the model on)."""
     validated = cross_validate(cache, backbone, method, classifier, params=params, size=size, layer=layer,
-                               exclude_bundles=exclude_bundles)
+                               exclude_bundles=exclude_bundles, target_recall=target_recall,
+                               inner_folds=inner_folds, current=current)
     return fit_model(validated, params, target_recall=target_recall, exclude_bundles=exclude_bundles, cache=cache)
 
 
@@ -114,7 +135,7 @@ def screening_of(model: ScreeningModel) -> ScreeningOutcome:
 def _fit(fs: FeatureSet, classifier: str, params: dict) -> BaseEstimator:
     if classifier == "fc":
         return FCHead(fc_weight=fs.fc_weight, fc_bias=fs.fc_bias, **params).fit(fs.X, fs.y)
-    return make_classifier(classifier, **params).fit(fs.X, fs.y)
+    return fit_on(make_classifier(classifier, **params), fs.X, fs.y, fs.groups)
 
 
 def _training_summary(cache, fs: FeatureSet, excluded: Sequence[str]) -> dict:
@@ -125,14 +146,21 @@ def _training_summary(cache, fs: FeatureSet, excluded: Sequence[str]) -> dict:
             "trained": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _validation(result: ConfigurationResult, screening: ScreeningOutcome) -> dict:
-    """The leave-one-bundle-out metrics at the classifier's own threshold, and the screening at the model's."""
+def _validation(result: ConfigurationResult, screening: ScreeningOutcome, expected: OperatingPoint | None) -> dict:
+    """The leave-one-bundle-out metrics at the classifier's own threshold, the screening at the model's on the
+    out-of-fold scores, and (with a recall target) the nested estimate of it on a new bundle."""
     overall = [r for r in result.records() if r["bundle"] == "overall"][0]
     keep = ("n", "tp", "fp", "tn", "fn", "tpr", "tnr", "balanced_accuracy", "auroc", "ci_low", "ci_high")
     per_bundle = [{k: r[k] for k in ("bundle", *keep, "single_class")} for r in result.records()
                   if r["bundle"] != "overall"]
+    heldout = None if expected is None else {
+        "protocol": "nested leave-one-bundle-out: each bundle held out, its threshold chosen on the other "
+                    "bundles' own out-of-fold scores", "target_recall": expected.target,
+        "recall": expected.recall, "recall_interval": list(expected.interval("tpr")),
+        "cleared": expected.cleared, "cleared_interval": list(expected.interval("tnr")),
+        "n_abnormal": expected.total.tp + expected.total.fn, "n_normal": expected.total.tn + expected.total.fp}
     return plain({"protocol": "leave-one-bundle-out", **{k: overall[k] for k in keep},
-                       "per_bundle": per_bundle, "screening": screening.to_dict()})
+                  "per_bundle": per_bundle, "screening": screening.to_dict(), "heldout": heldout})
 
 
 # --------------------------------------------------------------------------------------------- weights

@@ -14,18 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from xfeat.learn.metrics import Counts, bundle_bootstrap
-
-
-def recall_threshold(scores: np.ndarray, y: np.ndarray, target_recall: float) -> float:
-    """The highest threshold t such that flagging ``score > t`` flags at least ``target_recall`` of the
-    abnormal images (y == 1): just below the k-th highest abnormal score, k = ceil(target x abnormal)."""
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], not {target_recall}")
-    abnormal = np.sort(np.asarray(scores, np.float64)[np.asarray(y) == 1])[::-1]
-    if len(abnormal) == 0:
-        raise ValueError("no abnormal images: a recall target needs some")
-    k = max(1, math.ceil(round(target_recall * len(abnormal), 9)))
-    return float(np.nextafter(abnormal[k - 1], -np.inf))
+from xfeat.learn.operating import recall_threshold
 
 
 @dataclass(frozen=True)
