@@ -53,8 +53,6 @@ The defaults took 2-5 minutes on this shared 2-core machine (less than 2 minutes
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from machine import cpu_description  # this folder: run as python benchmarks/cache_vs_endtoend.py
 from xfeat.features.extractor import build_extractor
 from xfeat.learn.classifiers import FCHead
 from xfeat.convert.methods import convert
@@ -83,21 +82,6 @@ N_VARIANTS = 4  # none, h, v, hv: variant = h + 2 v
 PAPER = {"images": 714, "bundles": 12, "methods": 4, "epochs": 50, "size": (2000, 1000)}
 CPU = torch.device("cpu")
 NAIVE, TUNED = "naive", "tuned"
-
-
-def cpu_description() -> str:
-    """The CPU model and its vector ISA flags (avx2, avx512*, amx*): what every figure here depends on."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:  # not Linux
-        pass
-    flags = [f for f in info.get("flags", "").split() if f == "avx2" or f.startswith(("avx512", "amx"))]
-    isa = " ".join(flags) if flags else ("none of avx2/avx512/amx" if "flags" in info else "flags unknown")
-    return (f"CPU: {info.get('model name') or platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} logical cores, ISA: {isa} (torch dispatch {torch.backends.cpu.get_cpu_capability()})")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -19,8 +19,6 @@ decoding workers, hashing, building the model) weigh as they would on a real dat
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -30,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from machine import cpu_description  # this folder: run as python benchmarks/extract.py
 from xfeat.features.extractor import build_extractor
 from xfeat.convert.methods import convert
 from xfeat.io.dataset import find_images
@@ -41,21 +40,6 @@ from xfeat.features.inference import resolve_precision
 from xfeat.synth import make_dataset
 
 CPU = torch.device("cpu")
-
-
-def cpu_description() -> str:
-    """The CPU model and its vector ISA flags (avx2, avx512*, amx*): what every figure here depends on."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:  # not Linux
-        pass
-    flags = [f for f in info.get("flags", "").split() if f == "avx2" or f.startswith(("avx512", "amx"))]
-    isa = " ".join(flags) if flags else ("none of avx2/avx512/amx" if "flags" in info else "flags unknown")
-    return (f"CPU: {info.get('model name') or platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} logical cores, ISA: {isa} (torch dispatch {torch.backends.cpu.get_cpu_capability()})")
 
 
 def distinct_precisions(requested: list[str], device: torch.device) -> dict[str, list[str]]:

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from xfeat.features.cache import CacheWriter, GroupSettings, Rows
+from machine import cpu_description  # this folder: run as python benchmarks/paper_grid.py
 from xfeat.learn.evaluation import PAPER, configurations, evaluate
+from xfeat.learn.operating import DEFAULT_RECALLS
 from xfeat.synth import plan_dataset
 
 N_IMAGES, N_BUNDLES, N_ABNORMAL, FLIPS, DIM = 714, 12, 152, 4, 512
@@ -47,11 +49,11 @@ def write_cache(path: Path, methods: tuple[str, ...]) -> None:
                                     [2084] * N_IMAGES, [1169] * N_IMAGES)})
 
 
-def run_grid(cache: Path, clfs: tuple[str, ...], epochs: int, precision: str, jobs: int):
+def run_grid(cache: Path, clfs: tuple[str, ...], epochs: int, precision: str, jobs: int, recalls: tuple[float, ...]):
     configs = configurations(PAPER["backbones"], PAPER["methods"], clfs)
     params = {"fc": {**PAPER["params"]["fc"], "epochs": epochs, "precision": precision}}
     start = time.perf_counter()
-    results = evaluate(cache, configs, params=params, jobs=jobs)
+    results = evaluate(cache, configs, params=params, jobs=jobs, recalls=recalls)
     return results, time.perf_counter() - start
 
 
@@ -59,25 +61,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--bf16", action="store_true", help="also fc with bf16 matmuls (fast only with AMX or "
+                                                            "AVX512-BF16; emulated, and slow, elsewhere)")
     args = parser.parse_args()
+    print(cpu_description())
+    runs = [(("svm",), "fp32", ()), (("svm",), "fp32", DEFAULT_RECALLS),
+            (("fc", "svm"), "fp32", ()), (("fc", "svm"), "fp32", DEFAULT_RECALLS)]
+    if args.bf16:
+        runs.append((("fc", "svm"), "bf16", ()))
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp, "grid.h5")
         write_cache(cache, PAPER["methods"])
         rows, decisions = [], {}
-        for clfs, precision in ((("svm",), "fp32"), (("fc", "svm"), "fp32"), (("fc", "svm"), "bf16")):
-            results, seconds = run_grid(cache, clfs, args.epochs, precision, args.jobs)
+        for clfs, precision, recalls in runs:
+            results, seconds = run_grid(cache, clfs, args.epochs, precision, args.jobs, recalls)
             folds = sum(len(r.bundles) for r in results)
             name = " + ".join(f"fc ({precision})" if c == "fc" else c for c in clfs)
-            rows.append((name, len(results), folds, seconds))
-            decisions[precision] = np.concatenate([r.decisions for r in results if r.config.clf == "fc"]) \
-                if "fc" in clfs else None
+            nested = "nested 0.95,0.99" if recalls else "plain"
+            rows.append((name, nested, len(results), folds, seconds))
+            if "fc" in clfs and not recalls:
+                decisions[precision] = np.concatenate([r.decisions for r in results if r.config.clf == "fc"])
+            if "fc" in clfs and recalls:
+                cleared = [f"{r.config.method} {100 * r.operating[0].cleared:.1f}" for r in results
+                           if r.config.clf == "fc"]
+                print(f"fc cleared@95 (random features, a sanity check only): {', '.join(cleared)}")
     print(f"paper grid on a {N_IMAGES}-image cache ({N_BUNDLES} bundles, {FLIPS} flips x {DIM}-d), "
-          f"{args.epochs} epochs, jobs={args.jobs}")
-    print(f"{'classifiers':18s} {'configs':>8s} {'folds':>6s} {'seconds':>8s}")
-    for name, n_configs, folds, seconds in rows:
-        print(f"{name:18s} {n_configs:8d} {folds:6d} {seconds:8.1f}")
-    same = np.mean(decisions["fp32"] == decisions["bf16"])
-    print(f"fc out-of-fold decisions equal in fp32 and bf16: {same:.1%} of {len(decisions['fp32'])}")
+          f"{args.epochs} epochs, jobs={args.jobs}; nested = the operating points at 95 and 99 % recall "
+          f"(each fold's threshold from the other bundles' own leave-one-bundle-out: {N_BUNDLES * (N_BUNDLES - 1) // 2} "
+          "inner fits shared by the outer folds)")
+    print(f"{'classifiers':18s} {'evaluation':>17s} {'configs':>8s} {'folds':>6s} {'seconds':>8s}")
+    for name, nested, n_configs, folds, seconds in rows:
+        print(f"{name:18s} {nested:>17s} {n_configs:8d} {folds:6d} {seconds:8.1f}")
+    for name in dict.fromkeys(r[0] for r in rows):
+        times = [r[4] for r in rows if r[0] == name]
+        if len(times) == 2:
+            print(f"{name}: nested / plain {times[1] / times[0]:.1f}x")
+    if "bf16" in decisions:
+        same = np.mean(decisions["fp32"] == decisions["bf16"])
+        print(f"fc out-of-fold decisions equal in fp32 and bf16: {same:.1%} of {len(decisions['fp32'])}")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -58,6 +56,7 @@ from sklearn.model_selection import LeaveOneGroupOut
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from machine import cpu_description  # this folder: run as python benchmarks/precision.py
 from xfeat.features.extractor import build_extractor
 from xfeat.convert.methods import convert
 from xfeat.io.dataset import find_images
@@ -71,21 +70,6 @@ Size = tuple[int, int]
 CPU = torch.device("cpu")
 REAL_WEIGHTS = {"efficientnet_lite0": "imagenet"}  # the one real pretrained CNN installed here; others random
 MODULES_CSV = "/work/shared/data/elpv_modules.csv"
-
-
-def cpu_description() -> str:
-    """The CPU model and its vector ISA flags (avx2, avx512*, amx*): what every figure here depends on."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:  # not Linux
-        pass
-    flags = [f for f in info.get("flags", "").split() if f == "avx2" or f.startswith(("avx512", "amx"))]
-    isa = " ".join(flags) if flags else ("none of avx2/avx512/amx" if "flags" in info else "flags unknown")
-    return (f"CPU: {info.get('model name') or platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} logical cores, ISA: {isa} (torch dispatch {torch.backends.cpu.get_cpu_capability()})")
 
 
 # ---------------------------------------------------------------------------------------------- data

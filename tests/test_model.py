@@ -108,7 +108,7 @@ def test_the_threshold_and_its_figures_recount_from_the_reports_files(tmp_path, 
     rows = list(read_rows(tmp_path / "rep" / "predictions.csv").values())
     scores = np.array([float(r["screening_score"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
-    flagged = scores > screening["threshold"]
+    flagged = scores > screening["score_threshold"]  # the cut on the scores it was chosen on
     assert flagged[labels == 1].mean() >= 0.75
     assert screening["recall"] == flagged[labels == 1].mean()
     assert screening["cleared"] == pytest.approx(np.mean(~flagged[labels == 0]))

@@ -104,7 +104,7 @@ def fit_model(validated: ConfigurationResult, params: dict | None = None, *, tar
             threshold = decision_threshold(estimator, cut, screening_scale(estimator, fs.X, fs.y))
         expected = validated.operating_point(target_recall)
         outcome = screening_outcome(validated.screening_scores, fs.y, fs.groups, cut, target_recall)
-        screening = dataclasses.replace(outcome, threshold=threshold)
+        screening = dataclasses.replace(outcome, threshold=threshold, score_threshold=cut)
     return ScreeningModel(
         settings=fs.settings, layer=config.layer, classifier=config.clf, estimator=estimator,
         threshold=threshold, window_stats=fs.window_stats, target_recall=target_recall,

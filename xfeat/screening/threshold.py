@@ -30,6 +30,7 @@ class ScreeningOutcome:
     cleared: float  # share of normal images not flagged: the looks a QC person saves
     cleared_interval: tuple[float, float]
     flagged: float  # share of all images flagged: what is still looked at
+    score_threshold: float | None = None  # the same cut on the scores it was chosen on (predictions' screening_score)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
