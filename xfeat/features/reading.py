@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,6 +147,37 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
             fc_bias=fc_bias, window_stats=stored_window_stats(f))
 
 
+@dataclass(frozen=True)
+class RowCheck:
+    """Cached rows left out because the dataset changed since extraction (``only_current``)."""
+
+    gone: int = 0  # rows whose file is no longer in the dataset
+    changed: int = 0  # rows whose file's content changed (extract again to refresh them)
+    missing: int = 0  # dataset images with no row here (extract them)
+
+    def note(self, what: str) -> str:
+        """A warning in words about ``what`` (e.g. the cache group), or "" when the cache matches the dataset."""
+        parts = []
+        if self.gone:
+            parts.append(f"left out {self.gone} cached row(s) whose file is gone from the dataset")
+        if self.changed:
+            parts.append(f"left out {self.changed} row(s) of an older content of a file")
+        if self.missing:
+            parts.append(f"{self.missing} dataset image(s) have no features of their current content (run xfeat "
+                         "extract)")
+        return f"{what}: {'; '.join(parts)}" if parts else ""
+
+
+def only_current(fs: FeatureSet, current: Mapping[str, str]) -> tuple[FeatureSet, RowCheck]:
+    """The rows of ``fs`` whose file is in ``current`` (path -> sha256 of a dataset now) with that content."""
+    keep = np.array([current.get(p) == h for p, h in zip(fs.paths, fs.sha256)], dtype=bool)
+    gone = int(sum(p not in current for p in fs.paths))
+    held = set(fs.paths[keep].tolist())
+    check = RowCheck(gone=gone, changed=int(len(keep) - keep.sum() - gone),
+                     missing=sum(p not in held for p in current))
+    return fs.select(keep), check
+
+
 @contextmanager
 def _structure_errors(cache) -> Iterator[None]:
     """Damage to HDF5's own structures (object headers, chunk indexes) is one line too, not a traceback."""
@@ -232,4 +263,4 @@ def describe_cache(cache: str | os.PathLike[str], dataset_hashes: dict[str, str]
     return CacheInfo(path, path.stat().st_size, attrs, stats, infos, pending, bad)
 
 
-__all__ = ["FeatureSet", "load_features", "list_groups", "describe_cache", "fc1000", "FLIPS"]
+__all__ = ["FeatureSet", "RowCheck", "load_features", "only_current", "list_groups", "describe_cache", "fc1000", "FLIPS"]

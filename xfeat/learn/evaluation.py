@@ -2,8 +2,10 @@
 
 For every (backbone, method, classifier): train on all bundles but one, score the held-out bundle, for
 every bundle. Everything that learns (scalers, thresholds included) lives inside the classifier, so it is
-fitted on the training bundles only. The ``fc`` heads of all folds train together (``FCHead.fit_many``);
-the results are the same as training them one by one, and do not depend on ``jobs``.
+fitted on the training bundles only. With recall targets, each configuration also fits the inner models of a
+nested leave-one-bundle-out, whose thresholds give the operating points (``xfeat.learn.operating``). The ``fc``
+heads of all folds train together (``FCHead.fit_many``); the results are the same as training them one by one,
+and do not depend on ``jobs``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from joblib import delayed
 from sklearn.base import clone
 
 from xfeat.errors import XfeatError
-from xfeat.features.reading import FeatureSet, load_features
+from xfeat.features.reading import FeatureSet, RowCheck, load_features, only_current
 from xfeat.io.processes import tied_parallel, workers_ignore_ctrl_c
 from xfeat.learn.binary import fit_on, screening_scale, screening_score
 from xfeat.learn.classifiers import CLASSIFIERS, FCHead, abnormal_score, make_classifier
@@ -249,37 +251,6 @@ def evaluate_configuration(cache: str | os.PathLike[str], config: Configuration,
         thresholds = nested_thresholds(fit.plan, fit.excluded_scores, fs.y, fs.groups, target)
         result.operating.append(operating_point(fit.screening_scores, fs.y, fs.groups, thresholds, target))
     return result
-
-
-@dataclass(frozen=True)
-class RowCheck:
-    """Cached rows left out because the dataset changed since extraction (``only_current``)."""
-
-    gone: int = 0  # rows whose file is no longer in the dataset
-    changed: int = 0  # rows whose file's content changed (extract again to refresh them)
-    missing: int = 0  # dataset images with no row here (extract them)
-
-    def note(self, what: str) -> str:
-        """A warning in words about ``what`` (e.g. the cache group), or "" when the cache matches the dataset."""
-        parts = []
-        if self.gone:
-            parts.append(f"left out {self.gone} cached row(s) whose file is gone from the dataset")
-        if self.changed:
-            parts.append(f"left out {self.changed} row(s) of an older content of a file")
-        if self.missing:
-            parts.append(f"{self.missing} dataset image(s) have no features of their current content (run xfeat "
-                         "extract)")
-        return f"{what}: {'; '.join(parts)}" if parts else ""
-
-
-def only_current(fs: FeatureSet, current: Mapping[str, str]) -> tuple[FeatureSet, RowCheck]:
-    """The rows of ``fs`` whose file is in ``current`` (path -> sha256 of a dataset now) with that content."""
-    keep = np.array([current.get(p) == h for p, h in zip(fs.paths, fs.sha256)], dtype=bool)
-    gone = int(sum(p not in current for p in fs.paths))
-    held = set(fs.paths[keep].tolist())
-    check = RowCheck(gone=gone, changed=int(len(keep) - keep.sum() - gone),
-                     missing=sum(p not in held for p in current))
-    return fs.select(keep), check
 
 
 def configurations(backbones: Sequence[str], methods: Sequence[str], classifiers: Sequence[str],

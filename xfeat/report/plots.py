@@ -146,7 +146,7 @@ def cleared_curves(group: Sequence[ConfigurationResult]) -> Figure:
         ax.axvline(100 * point.target, color="grey", linewidth=0.7, linestyle=":")
         ax.plot([], [], color="black", marker=marker, linestyle="none",
                 label=f"held out, target {100 * point.target:g}%")
-    ax.set_xlim(50, 100.5)
+    ax.set_xlim(50, 101.5)
     ax.set_ylim(0, 101)
     ax.set_xlabel("abnormal recall (%)")
     ax.set_ylabel("normal cleared without a look (%)")
