@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,24 @@ from xfeat.io.images import read_image
 
 SMALL = ExtractConfig(backbones=("resnet18",), methods=("m1", "m2"), size=(64, 32), flips=4, weights="none",
                       device="cpu", workers=0, jobs=1, batch_size=3)
+# Tiny networks: one thread is faster, much faster on shared cores, and gives the same bits.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for the runs in a process of their own
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, one_torch_thread) -> tuple[Path, Path, object]:
+    """(dataset laid out as ``small_dataset``, its cache extracted once with SMALL, that run's summary): tests that
+    only read them share them; a test that changes the cache changes a copy (its rows still name these files)."""
+    root = tmp_path_factory.mktemp("extracted")
+    data = write_dataset(root / "data", {"B1": {"normal": 3, "abnormal": 1}, "B2": {"normal": 2, "abnormal": 2}})
+    summary = extract(data, root / "c.h5", SMALL)
+    return data, root / "c.h5", summary
+
+
+def _copy(cache: Path, to: Path) -> Path:
+    shutil.copyfile(cache, to)
+    return to
 
 
 def features_by_path(cache: Path, backbone="resnet18", method="m2") -> dict[str, np.ndarray]:
@@ -35,9 +55,8 @@ def features_by_path(cache: Path, backbone="resnet18", method="m2") -> dict[str,
     return dict(zip(fs.paths, fs.X))
 
 
-def test_cache_is_plain_hdf5_with_documented_layout(tmp_path, small_dataset):
-    cache = tmp_path / "c.h5"
-    summary = extract(small_dataset, cache, SMALL)
+def test_cache_is_plain_hdf5_with_documented_layout(extracted):
+    _, cache, summary = extracted
     assert summary.computed == 8 and summary.cached == 0
     with h5py.File(cache, "r") as f:
         assert f.attrs["format"] == "xfeat.features" and f.attrs["format_version"] == 1
@@ -54,9 +73,8 @@ def test_cache_is_plain_hdf5_with_documented_layout(tmp_path, small_dataset):
         assert "features/resnet18/m1/64x32" in f and f["features/resnet18/m1/64x32"].attrs["g_min"] == -1
 
 
-def test_features_equal_the_model_on_the_converted_image(tmp_path, small_dataset):
-    cache = tmp_path / "c.h5"
-    extract(small_dataset, cache, SMALL)
+def test_features_equal_the_model_on_the_converted_image(extracted):
+    _, cache, _ = extracted
     fs = load_features(cache, "resnet18", "m2", flips="all")
     model = build_extractor("resnet18", "none")
     path = fs.paths[0]
@@ -68,9 +86,8 @@ def test_features_equal_the_model_on_the_converted_image(tmp_path, small_dataset
     np.testing.assert_allclose(fs.X[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_load_features_views(tmp_path, small_dataset):
-    cache = tmp_path / "c.h5"
-    extract(small_dataset, cache, SMALL)
+def test_load_features_views(extracted):
+    _, cache, _ = extracted
     pool = load_features(cache, backbone="resnet18", method="m2", layer="pool")
     every = load_features(cache, backbone="resnet18", method="m2", flips="all")
     logits = load_features(cache, backbone="resnet18", method="m2", layer="fc1000")
@@ -85,9 +102,8 @@ def test_load_features_views(tmp_path, small_dataset):
     assert list(frame.columns[:3]) == ["path", "bundle", "label"] and frame.shape == (8, 3 + 512)
 
 
-def test_load_features_errors_name_the_cache(tmp_path, small_dataset):
-    cache = tmp_path / "c.h5"
-    extract(small_dataset, cache, SMALL)
+def test_load_features_errors_name_the_cache(tmp_path, extracted):
+    _, cache, _ = extracted
     with pytest.raises(CacheError, match="no features for resnet50/m2; the cache holds resnet18/m1, resnet18/m2"):
         load_features(cache, "resnet50", "m2")
     with pytest.raises(CacheError, match="no such cache file"):
@@ -142,17 +158,17 @@ def test_relabelled_images_update_without_recomputing(tmp_path, small_dataset):
     assert (fs.groups[row], fs.y[row]) == ("B9", 1)
 
 
-def test_settings_that_differ_are_never_mixed_into_a_group(tmp_path, small_dataset):
-    cache = tmp_path / "c.h5"
-    extract(small_dataset, cache, SMALL)
+def test_settings_that_differ_are_never_mixed_into_a_group(tmp_path, extracted):
+    data, clean_cache, _ = extracted
+    cache = _copy(clean_cache, tmp_path / "c.h5")
     with pytest.raises(CacheError, match="resnet18/m1/64x32 holds features computed with other settings: flips"):
-        extract(small_dataset, cache, ExtractConfig(**{**SMALL.__dict__, "flips": 2}))
+        extract(data, cache, ExtractConfig(**{**SMALL.__dict__, "flips": 2}))
     weights = tmp_path / "w.pt"
     torch.save(_resnet18_state(), weights)
     with pytest.raises(CacheError, match="other settings: weights_kind"):
-        extract(small_dataset, cache, ExtractConfig(**{**SMALL.__dict__, "weights": str(weights)}))
+        extract(data, cache, ExtractConfig(**{**SMALL.__dict__, "weights": str(weights)}))
     other_size = ExtractConfig(**{**SMALL.__dict__, "size": (48, 32)})
-    assert extract(small_dataset, cache, other_size).computed == 8  # another size is another group
+    assert extract(data, cache, other_size).computed == 8  # another size is another group
     with pytest.raises(CacheError, match="several input sizes"):
         load_features(cache, "resnet18", "m2")
     assert load_features(cache, "resnet18", "m2", size="48x32").X.shape == (8, 512)
@@ -164,10 +180,10 @@ def _resnet18_state() -> dict:
     return torchvision.models.resnet18().state_dict()
 
 
-def test_results_do_not_depend_on_batching_or_workers(tmp_path, small_dataset):
-    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    extract(small_dataset, a, SMALL)
-    extract(small_dataset, b, ExtractConfig(**{**SMALL.__dict__, "workers": 2}))
+def test_results_do_not_depend_on_batching_or_workers(tmp_path, extracted):
+    data, a, _ = extracted
+    b = tmp_path / "b.h5"
+    extract(data, b, ExtractConfig(**{**SMALL.__dict__, "workers": 2}))
     assert features_by_path(a).keys() == features_by_path(b).keys()
     for path, value in features_by_path(a).items():
         np.testing.assert_array_equal(value, features_by_path(b)[path])
@@ -199,14 +215,14 @@ def _wait_for_batches(journal: Path, count: int, process: subprocess.Popen, time
 def test_kill_9_at_any_moment_then_resume_gives_the_same_cache(tmp_path):
     data = write_dataset(tmp_path / "data", {"B1": {"normal": 24, "abnormal": 6}, "B2": {"normal": 20}}, (60, 40))
     reference = tmp_path / "ref.h5"
-    subprocess.run(_cli("extract", data, "--cache", reference, *EXTRACT_ARGS), check=True)
+    assert main(["extract", str(data), "--cache", str(reference), *EXTRACT_ARGS]) == 0  # the same bits in any process
 
     cache = tmp_path / "killed.h5"
     journal = Path(f"{cache}.journal")
     rng = random.Random(0)
     kills = 0
     for _ in range(5):
-        process = subprocess.Popen(_cli("extract", data, "--cache", cache, *EXTRACT_ARGS))
+        process = subprocess.Popen(_cli("extract", data, "--cache", cache, *EXTRACT_ARGS), env=ONE_THREAD)
         _wait_for_batches(journal, 1, process)  # this run is computing and writing
         time.sleep(rng.uniform(0, 0.5))
         if process.poll() is not None:
@@ -218,7 +234,7 @@ def test_kill_9_at_any_moment_then_resume_gives_the_same_cache(tmp_path):
             with h5py.File(cache, "r") as f:
                 assert f.attrs["format"] == "xfeat.features"
     assert kills >= 3
-    subprocess.run(_cli("extract", data, "--cache", cache, *EXTRACT_ARGS), check=True)
+    subprocess.run(_cli("extract", data, "--cache", cache, *EXTRACT_ARGS), check=True, env=ONE_THREAD)
     for method in ("m1", "m3"):
         expected, got = features_by_path(reference, method=method), features_by_path(cache, method=method)
         assert expected.keys() == got.keys()
@@ -231,7 +247,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_computed(tmp_path):
     data = write_dataset(tmp_path / "data", {"B1": {"normal": 30}, "B2": {"abnormal": 10}}, (60, 40))
     cache = tmp_path / "c.h5"
     process = subprocess.Popen(_cli("extract", data, "--cache", cache, *EXTRACT_ARGS), stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, env=ONE_THREAD)
     journal = Path(f"{cache}.journal")
     _wait_for_batches(journal, 3, process)
     process.send_signal(signal.SIGINT)
@@ -308,13 +324,14 @@ def test_a_file_moved_to_another_label_counts_once_with_its_new_label(tmp_path, 
     assert fs.y[list(fs.paths).index(str(moved.resolve()))] == 1
 
 
-def test_a_deleted_cache_with_a_leftover_journal_starts_afresh(tmp_path, small_dataset):
-    cache = tmp_path / "c.h5"
-    extract(small_dataset, cache, SMALL)
+def test_a_deleted_cache_with_a_leftover_journal_starts_afresh(tmp_path, extracted):
+    data, clean_cache, _ = extracted
+    cache = _copy(clean_cache, tmp_path / "c.h5")
     journal = Path(f"{cache}.journal")
+    journal.mkdir()  # as a finished run leaves it
     np.savez(journal / "00000099.npz", keys=np.array(["features/gone/m2/8x8"]))
     cache.unlink()
-    assert extract(small_dataset, cache, SMALL).computed == 8
+    assert extract(data, cache, SMALL).computed == 8
     assert not list(journal.glob("*.npz"))
 
 

@@ -22,10 +22,12 @@ from xfeat.synth import make_dataset
 
 EXTRACT = ("--backbone", "resnet18", "--methods", "m2", "--size", "64x32", "--flips", "1", "--weights", "none",
            "--device", "cpu", "--workers", "0", "--jobs", "1", "-q")
+# Tiny networks: one thread is faster, much faster on shared cores, and gives the same bits.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def world(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     """A synthetic dataset (24 images, 3 bundles), its feature cache, a model and saved statistics."""
     root = tmp_path_factory.mktemp("outputs")
     make_dataset(root / "d", images=24, bundles=3, size=(64, 32), seed=1, jobs=1)
@@ -239,7 +241,7 @@ def test_sigterm_stops_extract_with_one_line_keeping_the_finished_batches(world,
     argv = ["extract", str(world["data"]), "--cache", str(cache), "--backbone", "resnet18", "--methods", "m1,m2",
             "--size", "64x32", "--flips", "1", "--weights", "none", "--device", "cpu", "--workers", "0",
             "--batch-size", "1", "-q"]
-    process = _start(argv)
+    process = _start(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _wait_until(lambda: journal.is_dir() and any(journal.glob("*.npz")), process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)

@@ -32,6 +32,8 @@ SMALL = ExtractConfig(backbones=("resnet18",), methods=("m1", "m2"), size=(64, 3
 CLI_ARGS = ("--backbone", "resnet18", "--methods", "m1,m2", "--size", "64x32", "--flips", "4", "--weights", "none",
             "--device", "cpu", "--batch-size", "3", "--workers", "0", "--jobs", "1")
 LAYOUT = {"B1": {"normal": 5, "abnormal": 2}, "B2": {"normal": 4, "abnormal": 1}, "B3": {"normal": 3}}
+# In this process too: tiny networks are faster on one thread (the ranks run with OMP_NUM_THREADS=1), same bits.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def torchrun(data: Path, cache: Path, *args: str, nproc: int = 2, wait: bool = True):
@@ -209,9 +211,15 @@ def test_dask_results_equal_the_local_ones(toy_cache, dask_scheduler):
         assert a.predictions() == b.predictions()
 
 
-def test_evaluate_command_on_a_dask_cluster(toy_cache, dask_scheduler, tmp_path, capsys):
+def test_evaluate_command_on_a_dask_cluster(toy_cache, dask_scheduler, tmp_path, capsys, monkeypatch):
+    import xfeat.report.html
+
+    # Drawing the report's figures is most of each run's time; they are tested in test_report.py and do not
+    # enter the files compared here, so both runs get the same blank ones.
+    monkeypatch.setattr(xfeat.report.html, "png_base64", lambda figure: "")
     args = ["evaluate", str(toy_cache), "--clf", "fc,logreg,knn", "--epochs", "3", "--quiet"]
-    assert main([*args, "--report", str(tmp_path / "local")]) == 0
+    # in this process: no pool of local workers to start (the results do not depend on --jobs: test_evaluate.py)
+    assert main([*args, "--jobs", "1", "--report", str(tmp_path / "local")]) == 0
     local_out = capsys.readouterr().out
     assert main([*args, "--report", str(tmp_path / "dask"), "--scheduler", dask_scheduler]) == 0
     assert capsys.readouterr().out == local_out
