@@ -101,39 +101,46 @@ def confusion_matrices(group: Sequence[ConfigurationResult]) -> Figure:
 
 def roc_curves(group: Sequence[ConfigurationResult]) -> Figure:
     """ROC of the pooled out-of-fold scores, one curve per method, AUROC in the legend."""
-    from sklearn.metrics import roc_curve
 
     fig = _figure(4.6, 4.2)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+    for r, color, fpr, tpr in _pooled_rocs(group, "scores"):
+        ax.plot(fpr, tpr, color=color, label=_mpl_text(f"{r.config.method} (AUROC {r.overall_auroc:.3f})"))
+    _finish(ax, group, (0, 1), (0, 1.01), "false positive rate (1 - TNR)", "true positive rate (abnormal recall)",
+            fontsize=8, loc="lower right")
+    return fig
+
+
+def _pooled_rocs(group: Sequence[ConfigurationResult], scores: str):
+    """(result, colour, fpr, tpr) of each result's pooled out-of-fold ``scores`` (an attribute name), skipping
+    results that hold one class only."""
+    from sklearn.metrics import roc_curve
+
     for r, color in zip(group, _colors(len(group))):
         y = np.asarray(r.features.y)
-        if len(np.unique(y)) < 2:
-            continue
-        fpr, tpr, _ = roc_curve(y, r.scores)
-        ax.plot(fpr, tpr, color=color, label=_mpl_text(f"{r.config.method} (AUROC {r.overall_auroc:.3f})"))
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (1 - TNR)")
-    ax.set_ylabel("true positive rate (abnormal recall)")
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, getattr(r, scores))
+            yield r, color, fpr, tpr
+
+
+def _finish(ax, group: Sequence[ConfigurationResult], xlim, ylim, xlabel: str, ylabel: str, **legend) -> None:
+    """Limits, labels, the group's title, and a legend when something is labelled."""
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(_mpl_text(f"{group[0].config.backbone} / {group[0].config.clf}"), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
-    return fig
+        ax.legend(**legend)
 
 
 def cleared_curves(group: Sequence[ConfigurationResult]) -> Figure:
     """Normal images cleared against abnormal recall, one curve per method from the pooled out-of-fold scores;
     the nested held-out operating points marked, with their bundle-bootstrap intervals as error bars."""
-    from sklearn.metrics import roc_curve
-
     fig = _figure(5.6, 4.2)
     ax = fig.subplots()
-    for r, color in zip(group, _colors(len(group))):
-        y = np.asarray(r.features.y)
-        if len(np.unique(y)) < 2:
-            continue
-        fpr, tpr, _ = roc_curve(y, r.screening_scores)
+    for r, color, fpr, tpr in _pooled_rocs(group, "screening_scores"):
         ax.plot(100 * tpr, 100 * (1 - fpr), color=color, linewidth=1.2, label=_mpl_text(r.config.method))
         for point, marker in zip(r.operating, "os^Dv"):
             if np.isnan(point.recall):
@@ -146,13 +153,8 @@ def cleared_curves(group: Sequence[ConfigurationResult]) -> Figure:
         ax.axvline(100 * point.target, color="grey", linewidth=0.7, linestyle=":")
         ax.plot([], [], color="black", marker=marker, linestyle="none",
                 label=f"held out, target {100 * point.target:g}%")
-    ax.set_xlim(50, 101.5)
-    ax.set_ylim(0, 101)
-    ax.set_xlabel("abnormal recall (%)")
-    ax.set_ylabel("normal cleared without a look (%)")
-    ax.set_title(_mpl_text(f"{group[0].config.backbone} / {group[0].config.clf}"), fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _finish(ax, group, (50, 101.5), (0, 101), "abnormal recall (%)", "normal cleared without a look (%)",
+            fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
