@@ -20,12 +20,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "every bundle; print the paper's Table 1 per classifier and write results to --report DIR.")
     p.add_argument("cache", help="HDF5 feature cache written by xfeat extract")
     p.add_argument("--clf", type=names_arg, default=("fc", "svm"),
-                   help="fc, svm, logreg, knn, mahalanobis (default fc,svm)")
+                   help="fc, svm, logreg, knn, mahalanobis, patchcore (default fc,svm)")
     p.add_argument("--methods", type=names_arg, default=None, help="default: every method in the cache")
     p.add_argument("--backbone", type=names_arg, default=None,
                    help="default: the cache's only one, or resnet34")
-    p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
-                   help="default: fc1000 for svm (ResNet-50 paper), else pool")
+    p.add_argument("--layer", type=names_arg, default=None,
+                   help="pool, fc1000, local, joins (pool+local), a list (pool,local); default fc1000 for svm, "
+                        "patches for patchcore, else pool")
     p.add_argument("--recall", type=recalls_arg, default=None, metavar="R1,R2",
                    help="operating points, nested (default 0.95,0.99; none)")
     add_classifier_options(p)

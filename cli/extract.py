@@ -38,6 +38,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=input_size_arg, default=(2000, 1000), metavar="HxW",
                    help="network input size (default 2000x1000, the fuel-cell paper; 224x224 for the ResNet-50 one)")
     add_max_pixels(p)
+    p.add_argument("--taps", type=names_arg, default=("pool",),
+                   help="what to store per image: pool (the globally pooled vector, default), local (mean, max and "
+                        "GeM of the stride-8 and 16 stages: small defects); see docs/extract.md")
+    p.add_argument("--patch-maps", action="store_true",
+                   help="also store each image's local map (float16, <= 1 MB per image and method) for "
+                        "--clf patchcore and anomaly maps")
+    p.add_argument("--tiles", metavar="RxC", default=None,
+                   help="run the backbone on R x C tiles of --size (a multiple of 32) at native resolution "
+                        "instead of shrinking the whole image to --size")
+    p.add_argument("--tile-overlap", type=float, default=0.125, metavar="F",
+                   help="overlap of neighbouring tiles, a fraction of a tile (default 0.125)")
+    p.add_argument("--tile-combine", choices=("mean", "max", "both"), default="mean",
+                   help="how the pooled tap joins the tiles' vectors (default mean; both: side by side)")
     p.add_argument("--flips", type=int, default=4, choices=(1, 2, 4),
                    help="flip variants per image: 1 none, 2 +h, 4 +v,hv (default 4)")
     p.add_argument("--weights", default="imagenet",
@@ -56,7 +69,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    height, width = args.size
+    from xfeat.errors import XfeatError
+    from xfeat.features.tiles import parse_tiles
+
+    try:
+        tiles = parse_tiles(args.tiles, args.size, args.tile_overlap, args.tile_combine) if args.tiles else None
+    except XfeatError as e:
+        args.usage_error(str(e))
+    height, width = tiles.image_size if tiles else args.size
     if height * width > args.max_pixels:
         args.usage_error(f"argument --size: {height}x{width} is {megapixels(height * width)} MP, over the limit of "
                          f"{megapixels(args.max_pixels)} MP; raise it with --max-pixels")
@@ -70,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     config = ExtractConfig(backbones=args.backbone, methods=args.methods, size=args.size, flips=args.flips,
                            weights=args.weights, device=args.device, precision=args.precision,
                            batch_size=args.batch_size, workers=args.workers, jobs=args.jobs,
-                           stats=WindowStats.load(args.stats) if args.stats else None, max_pixels=args.max_pixels)
+                           stats=WindowStats.load(args.stats) if args.stats else None, max_pixels=args.max_pixels,
+                           taps=(*args.taps, *(("patches",) if args.patch_maps else ())), tiles=tiles)
     world = torchrun_world()  # under torchrun this process is one rank of a distributed run
     ranks, lead = (world.size, world.rank == 0) if world else (1, True)
     quiet = args.quiet or not lead  # rank 0 reports for the whole run
@@ -81,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             bar.total = todo
             bar.refresh()
 
+        if tiles and not quiet:
+            bar.write(f"tiles: {tiles.describe()}; each image resized to {height}x{width}")
         run_extract = extract_distributed if world else extract
         summary = run_extract(args.data, args.cache, config, skip_bad=args.skip_bad, progress=bar.update,
                               on_plan=on_plan)

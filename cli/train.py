@@ -20,9 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (e.g. screen.xfeat)")
     p.add_argument("--backbone", default=None, help="backbone (default: the cache's only one, or resnet34)")
     p.add_argument("--method", default="m2", help="conversion method (default m2)")
-    p.add_argument("--clf", default="fc", help="fc, svm, logreg, knn, mahalanobis (default fc)")
-    p.add_argument("--layer", choices=("pool", "fc1000"), default=None,
-                   help="feature layer (default: fc1000 for svm, pool otherwise)")
+    p.add_argument("--clf", default="fc", help="fc, svm, logreg, knn, mahalanobis, patchcore (default fc)")
+    p.add_argument("--layer", default=None,
+                   help="pool, fc1000, local or a join (pool+local); default fc1000 for svm, patches for "
+                        "patchcore, else pool")
     add_classifier_options(p)
     add_dataset_rows(p)
     p.add_argument("--target-recall", type=float, default=None, metavar="R",

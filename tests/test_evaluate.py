@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.base import clone
 
 from conftest import write_feature_cache
 from xfeat import load_features

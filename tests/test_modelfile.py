@@ -156,7 +156,13 @@ VARIANTS = {
     "logreg": [{}, {"C": 0.3, "class_weight": {0: 1, 1: 2}}],
     "knn": [{}, {"scaling": "l2", "n_neighbors": 3}, {"scaling": "none"}],
     "mahalanobis": [{}, {"n_components": 3}],
+    "patchcore": [{}, {"coreset": 0.5, "max_bank": 20}],
 }
+
+
+def as_input(name: str, X: np.ndarray) -> np.ndarray:
+    """A patch scorer takes patch maps: each row's 6 values as 3 patches of 2."""
+    return X.reshape(len(X), 3, 2) if name == "patchcore" else X
 CASES = [pytest.param(name, params, id=f"{name}-{i}")
          for name in CLASSIFIERS for i, params in enumerate(VARIANTS[name])]
 
@@ -175,7 +181,7 @@ def fitted(name: str, params: dict, labels=(0, 1)):
                       fc_bias=rng.normal(0, 0.05, 1000).astype(np.float32))
     if variants:  # the fc head's [N, F, D] flip variants
         X = np.stack([X + 0.01 * k for k in range(variants)], axis=1)
-    return make_classifier(name, **params).fit(X, y)
+    return make_classifier(name, **params).fit(as_input(name, X), y)
 
 
 def saved_and_rebuilt(tmp_path: Path, name: str, estimator):
@@ -204,7 +210,7 @@ def test_every_classifier_scores_identically_after_a_round_trip(tmp_path, name, 
     assert type(rebuilt) is type(original) and rebuilt is not original
     assert rebuilt.get_params().keys() == original.get_params().keys()
     fresh, _ = toy(25, seed=9)
-    assert_same_scores(original, rebuilt, fresh)
+    assert_same_scores(original, rebuilt, as_input(name, fresh))
     if params.get("variants"):
         assert_same_scores(original, rebuilt, np.stack([fresh] * params["variants"], axis=1))
     # and the rebuilt estimator holds exactly the same state
@@ -363,4 +369,4 @@ def test_reading_and_rebuilding_never_unpickles(tmp_path, monkeypatch):
     for name in CLASSIFIERS:
         arrays = {key.removeprefix(f"{name}/"): v for key, v in model.arrays.items() if key.startswith(f"{name}/")}
         rebuilt = estimator_from_state(name, model.metadata["states"][name], arrays)
-        assert rebuilt.predict(fresh).shape == (12,)
+        assert rebuilt.predict(as_input(name, fresh)).shape == (12,)

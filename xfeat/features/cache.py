@@ -35,7 +35,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,12 +50,13 @@ from xfeat.convert.folds import FoldWindows, fold_windows, window_like
 from xfeat.convert.stats import N_LEVELS, WindowStats
 
 FORMAT = "xfeat.features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: local and patches taps, tiles (docs/cache-format.md)
 FLIPS = ("none", "h", "v", "hv")
 STR = h5py.string_dtype("utf-8")
 SHA = "S64"
 ROW_FIELDS = ("path", "relpath", "bundle", "label", "sha256", "height", "width")
-ROW_DATASETS = ("pool", *ROW_FIELDS)
+ROW_DATASETS = ("pool", *ROW_FIELDS)  # "pool" here stands for the group's feature dataset, whatever its tap
+FEATURE_DATASETS = ("pool", "local", "patches")  # one per group, named after its tap
 TEXT_FIELDS = ("path", "relpath", "bundle")
 POOL_CHUNK_ROWS = 16
 META_CHUNK_ROWS = 256
@@ -88,14 +89,43 @@ class GroupSettings:
     precision: str
     g_min: int = -1  # the global window used (-1 when the method needs none)
     g_max: int = -1
+    tap: str = "pool"  # pool | local | patches (xfeat.features.local); caches before format 2: pool
+    tap_params: str = ""  # JSON: the stages, statistics, projection and grid of a local or patches tap
+    tiles: str = ""  # "RxC" when the backbone ran on tiles of input_height x input_width ("" : the whole image)
+    tile_overlap: float = 0.0
+    tile_combine: str = ""  # how the pooled tap joins the tiles' vectors: mean | max | both
+
+    @property
+    def size_token(self) -> str:
+        """How a group's geometry is named: ``2000x1000``, or ``512x512_t4x2`` for 4 x 2 tiles of 512 x 512."""
+        return f"{self.input_height}x{self.input_width}" + (f"_t{self.tiles}" if self.tiles else "")
 
     @property
     def key(self) -> str:
-        return f"features/{self.backbone}/{self.method}/{self.input_height}x{self.input_width}"
+        tap = "" if self.tap == "pool" else f".{self.tap}"
+        return f"features/{self.backbone}/{self.method}/{self.size_token}{tap}"
 
     @property
     def n_flips(self) -> int:
         return len(self.flips.split(","))
+
+    @property
+    def data_name(self) -> str:
+        """The group's feature dataset: ``pool``, ``local`` or ``patches``."""
+        return self.tap
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One row's shape: [F, D] for vectors, [grid rows, grid columns, D] for patch maps (of the unflipped
+        image only: ``flips`` then records the run's flips, which set its forward batches)."""
+        if self.tap == "patches":
+            grid = json.loads(self.tap_params)["grid"]
+            return (int(grid[0]), int(grid[1]), self.feature_dim)
+        return (self.n_flips, self.feature_dim)
+
+    @property
+    def data_dtype(self) -> str:
+        return "f2" if self.tap == "patches" else "f4"
 
     def attrs(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -104,6 +134,8 @@ class GroupSettings:
     def from_attrs(cls, attrs: h5py.AttributeManager) -> "GroupSettings":
         values = {}
         for f in fields(cls):
+            if f.name not in attrs and f.default is not MISSING:  # a setting added after the cache was written
+                continue
             value = attrs[f.name]
             if isinstance(value, bytes):
                 value = value.decode()
@@ -127,7 +159,7 @@ def _norm(value):
 class Rows:
     """Feature rows of one group with their per-image metadata, as computed by one batch."""
 
-    features: np.ndarray | None  # [k, F, D] float32; None for a metadata-only update
+    features: np.ndarray | None  # [k, F, D] float32 (patches: [k, rows, columns, D] float16); None: metadata only
     path: list[str]
     relpath: list[str]
     bundle: list[str]
@@ -365,37 +397,49 @@ def nonfinite_rows(block: np.ndarray) -> np.ndarray:
     return ~np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
 
 
+def data_name(group: h5py.Group) -> str:
+    """The name of a group's feature dataset: its tap (``pool`` in caches written before taps)."""
+    tap = group.attrs.get("tap", "pool")
+    return tap.decode() if isinstance(tap, bytes) else str(tap)
+
+
 def scan_group(group: h5py.Group, names: Sequence[str] = ROW_DATASETS, *, fc: bool = False,
                flip: int | None = None, keep_pool: bool = False
                ) -> tuple[dict[str, np.ndarray], np.ndarray, list[Damage]]:
     """Read and check the per-row datasets ``names`` of a group (and with ``fc`` its fc_weight, fc_bias).
 
-    Returns the columns read (text decoded to str; ``pool`` only with ``keep_pool``, one flip variant with
-    ``flip``), a mask of the rows any check rejected, and one ``Damage`` per failing check. A dataset without
-    checksums (a cache written before them) is checked for impossible values only.
+    Returns the columns read (text decoded to str; ``pool``, the group's feature dataset whatever its tap calls
+    it, only with ``keep_pool``, one flip variant with ``flip``), a mask of the rows any check rejected, and one
+    ``Damage`` per failing check. A dataset without checksums (a cache written before them) is checked for
+    impossible values only.
     """
     key = group.name.lstrip("/")
+    features = data_name(group)
+
+    def real(name: str) -> str:
+        return features if name == "pool" else name
+
     damages: list[Damage] = []
     lengths: dict[str, int] = {}
     lost = []
     for name in dict.fromkeys(("path", *names)):
         try:
-            lengths[name] = group[name].shape[0]
+            lengths[name] = group[real(name)].shape[0]
         except (*_READ_ERRORS, KeyError):
             lost.append(name)
     n = lengths.get("path", max(lengths.values(), default=0))
     bad = np.full(n, bool(lost))
-    damages.extend(Damage(f"{key}/{name}", "missing or unreadable (damaged file)", np.arange(n)) for name in lost)
+    damages.extend(Damage(f"{key}/{real(name)}", "missing or unreadable (damaged file)", np.arange(n)) for name in lost)
     columns: dict[str, np.ndarray] = {}
     for name in names:
         if name not in lengths:
             continue
         if lengths[name] != n:
-            damages.append(Damage(f"{key}/{name}", f"holds {lengths[name]} rows where path holds {n} (damaged file)",
+            damages.append(Damage(f"{key}/{real(name)}", f"holds {lengths[name]} rows where path holds {n} (damaged file)",
                                   np.arange(n)))
             bad[:] = True
             continue
-        ds = group[name]
+        ds = group[real(name)]
         if name == "pool":
             data, unreadable, implausible = _read_checked(ds, flip, keep=keep_pool,
                                                           check=None if ds.fletcher32 else nonfinite_rows)
@@ -405,10 +449,10 @@ def scan_group(group: h5py.Group, names: Sequence[str] = ROW_DATASETS, *, fc: bo
         implausible &= ~unreadable
         if unreadable.any():
             problem = "checksum mismatch (damaged file)" if ds.fletcher32 else "unreadable (damaged file)"
-            damages.append(Damage(f"{key}/{name}", problem, np.flatnonzero(unreadable)))
+            damages.append(Damage(f"{key}/{real(name)}", problem, np.flatnonzero(unreadable)))
         if implausible.any():
             problem = "non-finite values (damaged file)" if name == "pool" else "impossible values (damaged file)"
-            damages.append(Damage(f"{key}/{name}", problem, np.flatnonzero(implausible)))
+            damages.append(Damage(f"{key}/{real(name)}", problem, np.flatnonzero(implausible)))
         bad |= unreadable | implausible
         if data is not None:
             columns[name] = data
@@ -439,7 +483,7 @@ def bad_journal_batches(path: str | os.PathLike[str]) -> list[Path]:
 
 def lacks_checksums(group: h5py.Group) -> bool:
     """True for a group written before checksums (no Fletcher32, variable-length strings)."""
-    for name in (*ROW_DATASETS, "fc_weight", "fc_bias"):
+    for name in (*FEATURE_DATASETS, *ROW_FIELDS, "fc_weight", "fc_bias"):
         if name in group:
             ds = group[name]
             if ds.dtype.kind == "O" or not ds.fletcher32:
@@ -537,7 +581,7 @@ class CacheWriter:
             name = d.dataset.rsplit("/", 1)[-1]
             if d.rows is None:
                 consequence = "rewritten from the backbone's weights"
-            elif name == "pool":
+            elif name in FEATURE_DATASETS:
                 consequence = "these rows are dropped and their images recomputed"
             else:
                 consequence = ("the group cannot say which images these rows hold: they are dropped and their "
@@ -689,13 +733,21 @@ class CacheWriter:
                     shutil.copyfile(self.path, tmp)  # inside replacing: a failed copy leaves no temporary
                 with h5py.File(tmp, "a") as f:
                     if not f.attrs.get("format"):
-                        f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
+                        f.attrs["format"], f.attrs["format_version"] = FORMAT, 1  # raised by _format_version
                         f.attrs["created"] = _now()
                     change(f)
+                    f.attrs["format_version"] = _format_version(f)
                     f.attrs["xfeat_version"], f.attrs["updated"] = __version__, _now()
             except OSError as e:
                 raise CacheError(self._write_failure(e)) from None
         self._damaged.clear()
+
+
+def _format_version(f: h5py.File) -> int:
+    """1 while every group is a pooled, untiled one (what xfeat before taps reads); 2 once a local, patches or
+    tiled group is in: an older xfeat then refuses the file instead of misreading it."""
+    newer = any(data_name(g) != "pool" or g.attrs.get("tiles", "") for g in _settings_groups(f))
+    return max(int(f.attrs.get("format_version", 1)), 2 if newer else 1)
 
 
 def _create_group(f: h5py.File, g: GroupSettings, fc_weight: np.ndarray, fc_bias: np.ndarray) -> None:
@@ -704,7 +756,7 @@ def _create_group(f: h5py.File, g: GroupSettings, fc_weight: np.ndarray, fc_bias
     group.attrs["created"] = _now()
     group.attrs["random_weights"] = g.weights_kind == "none"
     group.attrs["flip_order"] = "none: as stored; h: left-right; v: up-down; hv: both"
-    _row_dataset(group, "pool", "f4", (g.n_flips, g.feature_dim))
+    _row_dataset(group, g.data_name, g.data_dtype, g.row_shape)
     _write_fc(group, fc_weight, fc_bias)
     for name in ROW_FIELDS:
         _row_dataset(group, name, _row_dtype(name))
@@ -717,7 +769,8 @@ def _row_dtype(name: str, width: int = MIN_TEXT_WIDTH):
 def _row_dataset(group: h5py.Group, name: str, dtype, trailing: tuple[int, ...] = (),
                  data: np.ndarray | None = None) -> h5py.Dataset:
     """A per-row dataset, growable along rows, chunked, each chunk with a Fletcher32 checksum."""
-    rows = POOL_CHUNK_ROWS if name == "pool" else META_CHUNK_ROWS
+    # a patch map is one chunk (one image's map, one read); feature vectors come 16 rows to a chunk
+    rows = (1 if name == "patches" else POOL_CHUNK_ROWS) if name in FEATURE_DATASETS else META_CHUNK_ROWS
     n = 0 if data is None else len(data)
     ds = group.create_dataset(name, shape=(n, *trailing), maxshape=(None, *trailing), dtype=dtype,
                               chunks=(rows, *trailing), fletcher32=True)
@@ -792,11 +845,14 @@ def _rebuild_group(src: h5py.Group, dst: h5py.Group, keep: np.ndarray) -> None:
     """Copy a group's rows ``keep`` into ``dst`` with checksums on every dataset and fixed-width strings."""
     _copy_attrs(src, dst)
     rows = np.flatnonzero(keep)
-    for name in ROW_DATASETS:
+    settings = GroupSettings.from_attrs(src.attrs)
+    row_datasets = (settings.data_name, *ROW_FIELDS)
+    for name in row_datasets:
         if name not in src:  # lost (so every row was flagged): it starts again empty, as in a new group
-            settings = GroupSettings.from_attrs(src.attrs)
-            trailing = (settings.n_flips, settings.feature_dim) if name == "pool" else ()
-            _row_dataset(dst, name, "f4" if name == "pool" else _row_dtype(name), trailing)
+            if name == settings.data_name:
+                _row_dataset(dst, name, settings.data_dtype, settings.row_shape)
+            else:
+                _row_dataset(dst, name, _row_dtype(name))
     for name, item in src.items():
         if name in ("fc_weight", "fc_bias") and not item.fletcher32:
             try:
@@ -804,7 +860,7 @@ def _rebuild_group(src: h5py.Group, dst: h5py.Group, keep: np.ndarray) -> None:
                 continue
             except _READ_ERRORS:
                 pass
-        if name not in ROW_DATASETS:  # fc layers (a damaged one stays damaged: prepare rewrites it), unknown
+        if name not in row_datasets:  # fc layers (a damaged one stays damaged: prepare rewrites it), unknown
             src.copy(item, dst, name)
             continue
         if name in TEXT_FIELDS:
@@ -813,7 +869,8 @@ def _rebuild_group(src: h5py.Group, dst: h5py.Group, keep: np.ndarray) -> None:
             dtype = _row_dtype(name, _text_width(max(map(len, values), default=0)))
             _row_dataset(dst, name, dtype, data=np.array(values, dtype=dtype) if values else None)
             continue
-        target = _row_dataset(dst, name, _row_dtype(name) if name != "pool" else "f4", item.shape[1:])
+        target = _row_dataset(dst, name, _row_dtype(name) if name != settings.data_name else item.dtype,
+                              item.shape[1:])
         step = POOL_CHUNK_ROWS * 256
         for a in range(0, item.shape[0], step):  # slab by slab: a large pool is never held whole
             b = min(item.shape[0], a + step)
@@ -847,7 +904,7 @@ def _warn_discarded(batch: Path) -> None:
 
 
 def _merge_journal(f: h5py.File, batches: Sequence[Path], discarded: list[Path]) -> None:
-    shapes: dict[str, tuple[int, ...] | None] = {}
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype] | None] = {}
     for batch in batches:
         rows_by_key = _load_batch(f, batch, shapes)
         if rows_by_key is None:
@@ -863,11 +920,12 @@ def _merge_journal(f: h5py.File, batches: Sequence[Path], discarded: list[Path])
                 raise _BadBatch(batch) from e
 
 
-def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[int, ...] | None] | None = None
+def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype] | None] | None = None
                 ) -> dict[str, dict[str, np.ndarray]] | None:
     """A journal batch's rows per group, or None when it cannot be read or does not fit the cache: a zip it
     cannot read, a group the cache lacks, row counts that differ between features and metadata, features of
-    another shape than the group's. ``shapes`` caches each group's feature shape (None: no such group)."""
+    another shape or type than the group's. ``shapes`` caches each group's feature shape and type (None: no such
+    group)."""
     shapes = {} if shapes is None else shapes
     try:
         with open(batch, "rb") as fh, np.load(fh, allow_pickle=False) as data:
@@ -877,7 +935,9 @@ def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[int, ...] | N
             loaded = {}
             for i, key in enumerate(keys.tolist()):
                 if key not in shapes:
-                    shapes[key] = f[key]["pool"].shape[1:] if key in f and "pool" in f[key] else None
+                    group = f[key] if key in f else None
+                    ds = group.get(data_name(group)) if group is not None else None
+                    shapes[key] = (ds.shape[1:], ds.dtype) if ds is not None else None
                 if key in loaded or shapes[key] is None:
                     return None
                 rows = {n: data[f"{i}.{n}"] for n in ("features", *ROW_FIELDS) if f"{i}.{n}" in data.files}
@@ -889,7 +949,7 @@ def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[int, ...] | N
         return None
 
 
-def _batch_rows_fit(rows: dict[str, np.ndarray], sample_shape: tuple[int, ...]) -> bool:
+def _batch_rows_fit(rows: dict[str, np.ndarray], sample_shape: tuple[tuple[int, ...], np.dtype]) -> bool:
     if not all(n in rows for n in ("path", "relpath", "bundle", "label")):
         return False
     k = len(rows["path"])
@@ -901,7 +961,8 @@ def _batch_rows_fit(rows: dict[str, np.ndarray], sample_shape: tuple[int, ...]) 
         return False
     if "features" in rows:
         features = rows["features"]
-        if features.dtype != np.float32 or features.shape != (k, *sample_shape):
+        shape, dtype = sample_shape
+        if features.dtype != dtype or features.shape != (k, *shape):
             return False
         if not all(n in rows for n in ("sha256", "height", "width")) or rows["sha256"].dtype.kind != "U":
             return False
@@ -940,7 +1001,7 @@ def _merge_rows(group: h5py.Group, rows: dict[str, np.ndarray]) -> None:
     for name in TEXT_FIELDS:
         values[name] = _encode_text(group, name, values[name])
     if "features" in rows:
-        values["pool"] = rows["features"]
+        values[data_name(group)] = rows["features"]
     appended = positions >= start  # new rows come in order, so they fill start..n in one slice
     for name, column in values.items():
         dataset = group[name]

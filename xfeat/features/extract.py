@@ -8,6 +8,7 @@ features do not depend on which other images shared its batch (bitwise-equal res
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -23,7 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
+from xfeat.features.backbones import get_spec
 from xfeat.features.extractor import build_extractor
+from xfeat.features.local import (Tapped, check_taps, local_params, local_stages, local_statistics, map_grid,
+                                  patch_maps, patch_params)
+from xfeat.features.tiles import Tiling
 from xfeat.features.cache import FLIPS, CacheWriter, GroupSettings, Rows
 from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
@@ -55,20 +60,28 @@ class ExtractConfig:
     jobs: int | None = None  # processes for the statistics pass
     stats: WindowStats | None = None
     max_pixels: int = MAX_PIXELS  # images (and the input size) declaring more pixels are refused undecoded
+    taps: tuple[str, ...] = ("pool",)  # pool, local, patches (xfeat.features.local); pool is always stored
+    tiles: Tiling | None = None  # run the backbone on tiles of `size` instead of on the image shrunk to `size`
 
     def validate(self) -> None:
         if not self.backbones or not self.methods:
             raise XfeatError("give at least one backbone and one method")
         for method in self.methods:
             check_method(method)
+        check_taps(self.taps)
+        if "pool" not in self.taps:
+            raise XfeatError("the pool tap is always stored (it costs nothing more): add pool to --taps")
+        if self.tiles is not None and self.tiles.tile != self.size:
+            raise XfeatError(f"the tiles are {self.tiles.tile}, the input size {self.size}: give the same")
         if self.flips not in (1, 2, 4):
             raise XfeatError(f"--flips must be 1, 2 or 4, not {self.flips}")
         if min(self.size) < 16:
             raise XfeatError(f"input size {self.size[0]}x{self.size[1]} is too small (at least 16x16)")
         if self.max_pixels < 1:
             raise XfeatError(f"--max-pixels must be at least 1, not {self.max_pixels}")
-        if self.size[0] * self.size[1] > self.max_pixels:
-            raise XfeatError(f"input size {self.size[0]}x{self.size[1]} ({megapixels(self.size[0] * self.size[1])} "
+        height, width = self.input_size
+        if height * width > self.max_pixels:
+            raise XfeatError(f"input size {height}x{width} ({megapixels(height * width)} "
                              f"MP) is over the limit of {megapixels(self.max_pixels)} MP; raise it with --max-pixels")
         if self.batch_size is not None and self.batch_size < 1:
             raise XfeatError("--batch-size must be at least 1")
@@ -79,10 +92,24 @@ class ExtractConfig:
     def flip_names(self) -> tuple[str, ...]:
         return FLIPS[: self.flips]
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) every image is resized to: ``size``, or the area the tiles cover."""
+        return self.tiles.image_size if self.tiles else self.size
+
+    @property
+    def tile_count(self) -> int:
+        return self.tiles.count if self.tiles else 1
+
     def images_per_batch(self) -> int:
         if self.batch_size:
             return self.batch_size
-        return max(1, min(64, PIXEL_BUDGET // (self.size[0] * self.size[1] * self.flips)))
+        height, width = self.input_size
+        return max(1, min(64, PIXEL_BUDGET // (height * width * self.flips)))
+
+    def forward_batch(self) -> int:
+        """Inputs per forward pass: images x flips x tiles."""
+        return self.images_per_batch() * self.flips * self.tile_count
 
 
 @dataclass
@@ -199,7 +226,7 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
         if on_plan:
             on_plan(len(plan.work), summary.cached)
         if plan.work:
-            models = {b: runner(prepare_model(e, device), device, precision) for b, e in extractors.items()}
+            models = {b: tap_runner(e, config.taps, device, precision) for b, e in extractors.items()}
             summary.computed = _compute(plan.work, plan.groups, models, writer, config, plan.stats, device,
                                         skip_bad, summary.skipped, progress)
     summary.seconds = time.perf_counter() - start
@@ -213,7 +240,7 @@ class Plan:
 
     scan: Scan
     stats: WindowStats | None  # the global window every conversion of this run uses
-    groups: dict[tuple[str, str], GroupSettings]
+    groups: dict[tuple[str, str, str], GroupSettings]  # (backbone, method, tap) -> settings
     work: list[Work]  # in dataset order: the order rows are appended to the cache
 
 
@@ -230,8 +257,8 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
     fitted_here = needs_stats and stats is None  # then the scan's per-bundle histograms are stored with them
     if fitted_here:
         stats = scan.window_stats()
-    groups = {(b, m): _settings(extractors[b], b, m, config, precision, stats if m in NEEDS_STATS else None)
-              for b in config.backbones for m in config.methods}
+    groups = {(b, m, tap): _settings(extractors[b], b, m, tap, config, precision, stats if m in NEEDS_STATS else None)
+              for b in config.backbones for m in config.methods for tap in config.taps}
     writer.prepare(list(groups.values()),
                    {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
                    stats if needs_stats else None,
@@ -240,21 +267,51 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
     return Plan(scan, stats, groups, work)
 
 
-def _settings(extractor, backbone: str, method: str, config: ExtractConfig, precision: str,
+def _settings(extractor, backbone: str, method: str, tap: str, config: ExtractConfig, precision: str,
               stats: WindowStats | None) -> GroupSettings:
+    params, dim = tap_layout(backbone, tap, config, int(extractor.feature_dim))
+    tiles = config.tiles
     return GroupSettings(
         backbone=backbone, method=method, input_height=config.size[0], input_width=config.size[1],
-        flips=",".join(config.flip_names), feature_dim=int(extractor.feature_dim),
+        flips=",".join(config.flip_names), feature_dim=dim,  # patches: the run's flips, the map of "none" only
         weights_kind=extractor.weights.kind, weights_name=extractor.weights.name,
         weights_sha256=extractor.weights.sha256, mean=tuple(extractor.mean), std=tuple(extractor.std),
-        resize=RESIZE, precision=precision, g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1)
+        resize=RESIZE, precision=precision, g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1,
+        tap=tap, tap_params=json.dumps(params, sort_keys=True) if params else "",
+        tiles=f"{tiles.rows}x{tiles.cols}" if tiles else "", tile_overlap=tiles.overlap if tiles else 0.0,
+        tile_combine=tiles.combine if tiles else "")
 
 
-def _plan(writer: CacheWriter, groups: dict[tuple[str, str], GroupSettings], records: Sequence[ImageRecord],
+def tap_layout(backbone: str, tap: str, config: ExtractConfig, pooled_dim: int) -> tuple[dict, int]:
+    """A tap's parameters (as the cache records them) and the width of its rows."""
+    spec = get_spec(backbone)
+    if tap == "pool":
+        return {}, pooled_dim * (2 if config.tiles and config.tiles.combine == "both" else 1)
+    if tap == "local":
+        params = local_params(spec)
+        return params, 3 * params["channels"]
+    grid = (tuple(s // 8 for s in config.input_size) if config.tiles  # stitched: tiles are multiples of 32
+            else map_grid(spec, config.size))
+    params = patch_params(spec, grid)
+    return params, params["dim"]
+
+
+def tap_runner(extractor, taps: Sequence[str], device: torch.device, precision: str):
+    """The function a batch runs through: pooled features alone, or (pooled, local map) from one pass."""
+    if set(taps) == {"pool"}:
+        return runner(prepare_model(extractor, device), device, precision)
+    stages = [s.module for s in local_stages(get_spec(extractor.name))]
+    prepared = prepare_model(extractor, device, keep_modules=True)
+    return runner(Tapped(prepared, stages), device, precision)
+
+
+def _plan(writer: CacheWriter, groups: dict[tuple[str, str, str], GroupSettings], records: Sequence[ImageRecord],
           hashes: Sequence[str]) -> list[Work]:
-    """Which images need which methods; labels or bundles changed for cached images are updated in place."""
+    """Which images need which methods (an image missing from any tap's group is computed again for all of the
+    method's taps: they come from one forward pass); labels or bundles changed for cached images are updated in
+    place."""
     missing: dict[int, set[str]] = {}
-    for (_, method), settings in groups.items():
+    for (_, method, _), settings in groups.items():
         cached = writer.cached_images(settings.key)
         relabelled = []
         for i, (record, sha) in enumerate(zip(records, hashes)):
@@ -266,7 +323,7 @@ def _plan(writer: CacheWriter, groups: dict[tuple[str, str], GroupSettings], rec
         if relabelled:
             writer.add({settings.key: Rows(None, [str(r.path) for r in relabelled], [r.relpath for r in relabelled],
                                            [r.bundle for r in relabelled], [r.label for r in relabelled])})
-    methods_in_order = list(dict.fromkeys(m for _, m in groups))
+    methods_in_order = list(dict.fromkeys(m for _, m, _ in groups))
     return [Work(records[i], tuple(m for m in methods_in_order if m in methods))
             for i, methods in sorted(missing.items())]
 
@@ -315,7 +372,9 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
              stats: WindowStats | None, device: torch.device, skip_bad: bool, skipped: list,
              progress: Callable[[int], None] | None) -> int:
     per_batch = config.images_per_batch()
-    loader = image_batches(work, config.size, stats, per_batch, config.workers, device, max_pixels=config.max_pixels)
+    loader = image_batches(work, config.input_size, stats, per_batch, config.workers, device,
+                           max_pixels=config.max_pixels)
+    params = {key: json.loads(s.tap_params) for key, s in groups.items() if s.tap == "patches"}
     computed = 0
     last_commit = time.monotonic()
     for batch in loader:
@@ -329,13 +388,17 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
             else:
                 good.append(item)
         rows_by_key = {}
-        for (backbone, method), settings in groups.items():
+        for backbone, method in dict.fromkeys((b, m) for b, m, _ in groups):
             items = [it for it in good if method in work[it["index"]].methods]
             if not items:
                 continue
             x = torch.from_numpy(np.stack([it["pixels"][method] for it in items]))
-            features = batch_features(models[backbone], x, config.flip_names, per_batch * len(config.flip_names))
-            rows_by_key[settings.key] = _rows(features, [work[it["index"]].record for it in items], items)
+            patches = params.get((backbone, method, "patches"))
+            taps = batch_taps(models[backbone], x, config.flip_names, config.forward_batch(), config.tiles,
+                              config.taps, patches)
+            records = [work[it["index"]].record for it in items]
+            for tap, features in taps.items():
+                rows_by_key[groups[(backbone, method, tap)].key] = _rows(features, records, items)
         if rows_by_key:
             writer.add(rows_by_key)
         computed += len(good)
@@ -349,12 +412,35 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
 
 def batch_features(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[str],
                    forward_batch: int) -> np.ndarray:
-    """[k, C, H, W] uint8 -> [k, F, D] float32. The forward pass always holds ``forward_batch`` inputs
-    (k x F flip variants, then zero padding): a CPU convolution's rounding can depend on the batch size, and
-    an image's features must not depend on how many images shared its batch."""
-    k = x.shape[0]
+    """[k, C, H, W] uint8 -> pooled features [k, F, D] float32 (``batch_taps`` for the pool tap alone)."""
+    return batch_taps(run, x, flips, forward_batch)["pool"]
+
+
+def batch_taps(run: Callable, x: torch.Tensor, flips: Sequence[str], forward_batch: int,
+               tiles: Tiling | None = None, taps: Sequence[str] = ("pool",), patches: dict | None = None
+               ) -> dict[str, np.ndarray]:
+    """[k, C, H, W] uint8 -> {tap: rows}: ``pool`` and ``local`` [k, F, D] float32, ``patches`` [k, rows,
+    columns, D] float16 (unflipped only; ``patches`` are its parameters).
+
+    The forward pass always holds ``forward_batch`` inputs (k x F flip variants x tiles, then zero padding): a
+    CPU convolution's rounding can depend on the batch size, and an image's features must not depend on how
+    many images shared its batch."""
+    k, n_flips = x.shape[0], len(flips)
     variants = _flip_variants(x, flips)
-    if len(variants) < forward_batch:
-        variants = torch.cat([variants, variants.new_zeros((forward_batch - len(variants), *x.shape[1:]))])
-    features = run(variants)
-    return features[: k * len(flips)].reshape(k, len(flips), -1).numpy()
+    if tiles is not None:
+        variants = tiles.split(variants)
+    n = len(variants)
+    if n < forward_batch:
+        variants = torch.cat([variants, variants.new_zeros((forward_batch - n, *variants.shape[1:]))])
+    out = run(variants)
+    pooled, local_map = (out[0][:n], out[1][:n]) if isinstance(out, tuple) else (out[:n], None)
+    if tiles is not None:
+        pooled = tiles.combine_pooled(pooled)
+        local_map = tiles.stitch(local_map, 8) if local_map is not None else None
+    result = {"pool": pooled.reshape(k, n_flips, -1).numpy()}
+    if "local" in taps:
+        result["local"] = local_statistics(local_map).reshape(k, n_flips, -1).numpy()
+    if "patches" in taps:
+        unflipped = local_map.reshape(k, n_flips, *local_map.shape[1:])[:, 0]
+        result["patches"] = patch_maps(unflipped, patches)
+    return result

@@ -110,12 +110,16 @@ def _same_output(module: nn.Module, folded: nn.Module) -> bool:
     return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())))
 
 
-def prepare_model(model: nn.Module, device: torch.device, *, fold: bool = True) -> nn.Module:
-    """Move a frozen model to ``device`` in eval mode, channels-last, BatchNorm folded into convolutions."""
+def prepare_model(model: nn.Module, device: torch.device, *, fold: bool = True,
+                  keep_modules: bool = False) -> nn.Module:
+    """Move a frozen model to ``device`` in eval mode, channels-last, BatchNorm folded into convolutions.
+
+    ``keep_modules``: fold without torch.fx (which calls the leaf modules directly, so hooks on a stage would
+    never fire): what catching intermediate stages needs."""
     model = model.eval()
     trunk = getattr(model, "trunk", None)
     if fold and isinstance(trunk, nn.Module):
-        model.trunk = fold_batchnorm(trunk)
+        model.trunk = _fold_adjacent(trunk) if keep_modules else fold_batchnorm(trunk)
     model = model.to(device)
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
@@ -125,7 +129,8 @@ def prepare_model(model: nn.Module, device: torch.device, *, fold: bool = True) 
 
 
 def runner(model: nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function uint8 batch (on the host) -> float32 features (on the host), with the right copies."""
+    """A function uint8 batch (on the host) -> float32 features (on the host), with the right copies; a model
+    giving a tuple of tensors gives a tuple."""
     non_blocking = device.type == "cuda"
     memory_format = torch.channels_last if device.type != "mps" else torch.contiguous_format
 
@@ -133,6 +138,8 @@ def runner(model: nn.Module, device: torch.device, precision: str) -> Callable[[
         x = batch.to(device, non_blocking=non_blocking).contiguous(memory_format=memory_format)
         with torch.inference_mode(), autocast(device, precision):
             features = model(x)
+        if isinstance(features, tuple):
+            return tuple(f.float().cpu() for f in features)
         return features.float().cpu()
 
     return run

@@ -19,7 +19,7 @@ from xfeat.features.cache import (FLIPS, CacheError, GroupSettings, bad_journal_
 from xfeat.errors import XfeatWarning
 from xfeat.convert.stats import WindowStats
 
-LAYERS = ("pool", "fc1000")
+LAYERS = ("pool", "fc1000", "local", "patches")
 
 
 @dataclass(frozen=True)
@@ -98,19 +98,23 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
                   flips: str = "none") -> FeatureSet:
     """Load one group's features.
 
-    ``size`` ("2000x1000" or (2000, 1000)) may be left out when the cache holds one size for this
-    backbone and method. ``flips`` is a flip variant (none, h, v, hv) giving X [N, D], or ``"all"`` giving
-    X [N, F, D]. ``layer`` is ``pool`` (the pooled trunk output) or ``fc1000`` (the ImageNet logits).
+    ``size`` ("2000x1000", (2000, 1000), or a tiled geometry such as "512x512_t4x2") may be left out when the
+    cache holds one for this backbone and method. ``flips`` is a flip variant (none, h, v, hv) giving X [N, D],
+    or ``"all"`` giving X [N, F, D]. ``layer`` is ``pool`` (the pooled trunk output), ``fc1000`` (the ImageNet
+    logits), ``local`` (statistics of the mid-level stages, ``xfeat extract --taps pool,local``), several of
+    these joined side by side (``pool+local``), or ``patches`` (X [N, rows, columns, D] float16 patch maps,
+    ``--patch-maps``, unflipped only).
     """
-    if layer not in LAYERS:
-        raise CacheError(f"unknown layer {layer!r}; one of {', '.join(LAYERS)}")
+    parts = parse_layer(layer)
+    if parts == ("patches",) and flips != "none":
+        raise CacheError(f"{cache}: patch maps are stored for unflipped images only; ask for flips='none'")
     with open_cache(cache) as f, _structure_errors(cache):
         base = f"features/{backbone}/{method}"
         if base not in f:
             have = sorted({f"{g.attrs['backbone']}/{g.attrs['method']}" for g in _groups(f)})
             raise CacheError(f"{cache}: no features for {backbone}/{method}; the cache holds "
                              f"{', '.join(have) or 'nothing yet'}")
-        sizes = sorted(f[base])
+        sizes = sorted(name for name in f[base] if "." not in name)  # size.local, size.patches: taps of a size
         if size is None:
             if len(sizes) > 1:
                 raise CacheError(f"{cache}: {backbone}/{method} has several input sizes ({', '.join(sizes)}); "
@@ -120,31 +124,64 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
             size = f"{size[0]}x{size[1]}"
         if size not in sizes:
             raise CacheError(f"{cache}: no {backbone}/{method} features at {size}; sizes: {', '.join(sizes)}")
-        group = f[f"{base}/{size}"]
-        settings = GroupSettings.from_attrs(group.attrs)
-        stored_flips = tuple(settings.flips.split(","))
-        if flips != "all" and flips not in stored_flips:
-            raise CacheError(f"{cache}: flip {flips!r} not stored; this group holds {', '.join(stored_flips)} "
-                             "(or ask for flips='all')")
-        # Every value read is checked (checksums, impossible values): damage is an error, never a result.
-        c, _, damages = scan_group(group, ("pool", "path", "bundle", "label", "sha256"), fc=True, keep_pool=True,
-                                   flip=None if flips == "all" else stored_flips.index(flips))
-        if damages:
-            raise damage_error(cache, damages)
-        pool, fc_weight, fc_bias = c["pool"], c["fc_weight"], c["fc_bias"]
-        broken = nonfinite_rows(pool)
-        if broken.any():  # they passed the checksum: computed so (the weights, or fp16 overflowing)
-            raise CacheError(f"{cache}: {base}/{size}/pool: non-finite features (NaN or inf) in "
-                             f"{int(broken.sum())} row(s), as computed; check the weights, or extract with "
-                             "--precision fp32")
-        X = fc1000(pool, fc_weight, fc_bias) if layer == "fc1000" else pool
-        sha256 = c["sha256"]
-        rows = _latest_per_content(sha256, cache, f"{base}/{size}")
-        rows = rows[np.lexsort((c["path"][rows], c["bundle"][rows]))]  # bundle, then path: not extraction order
-        return FeatureSet(
-            X=X[rows], y=c["label"][rows], groups=c["bundle"][rows], paths=c["path"][rows], sha256=sha256[rows],
-            layer=layer, flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
-            fc_bias=fc_bias, window_stats=stored_window_stats(f))
+        read = [_read_layer(f, cache, f"{base}/{size}", part, flips) for part in parts]
+        first = read[0]
+        for other, part in zip(read[1:], parts[1:]):
+            if not (np.array_equal(other.paths, first.paths) and np.array_equal(other.sha256, first.sha256)):
+                raise CacheError(f"{cache}: {base}/{size}: the {parts[0]} and {part} taps hold different images; "
+                                 f"run xfeat extract --taps {','.join(sorted(set(parts) - {'fc1000'} | {'pool'}))} "
+                                 "again to complete them")
+        X = read[0].X if len(read) == 1 else np.concatenate([r.X for r in read], axis=-1)
+        return replace(first, X=X, layer=layer, window_stats=stored_window_stats(f))
+
+
+def parse_layer(layer: str) -> tuple[str, ...]:
+    """``pool``, ``fc1000``, ``local``, ``patches`` or vector layers joined by ``+`` -> the parts; else an error."""
+    parts = tuple(layer.split("+"))
+    if any(p not in LAYERS for p in parts) or len(set(parts)) < len(parts) or ("patches" in parts and len(parts) > 1):
+        raise CacheError(f"unknown layer {layer!r}; one of {', '.join(LAYERS)}, or vector layers joined by + "
+                         "(pool+local)")
+    return parts
+
+
+def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str) -> FeatureSet:
+    """One layer of one geometry: its tap's group read and checked, rows one per file content, sorted."""
+    key = key + {"local": ".local", "patches": ".patches"}.get(layer, "")
+    if key not in f:
+        option = "--patch-maps" if layer == "patches" else f"--taps pool,{layer}"
+        raise CacheError(f"{cache}: no {layer} features in {key.rsplit('.', 1)[0]}; run xfeat extract with {option}")
+    group = f[key]
+    settings = GroupSettings.from_attrs(group.attrs)
+    stored_flips = tuple(settings.flips.split(","))
+    if flips != "all" and flips not in stored_flips:
+        raise CacheError(f"{cache}: flip {flips!r} not stored; this group holds {', '.join(stored_flips)} "
+                         "(or ask for flips='all')")
+    # Every value read is checked (checksums, impossible values): damage is an error, never a result.
+    flip = None if flips == "all" or layer == "patches" else stored_flips.index(flips)
+    c, _, damages = scan_group(group, ("pool", "path", "bundle", "label", "sha256"), fc=True, keep_pool=True,
+                               flip=flip)
+    if damages:
+        raise damage_error(cache, damages)
+    pool, fc_weight, fc_bias = c["pool"], c["fc_weight"], c["fc_bias"]
+    broken = nonfinite_rows(pool)
+    if broken.any():  # they passed the checksum: computed so (the weights, or fp16 overflowing)
+        raise CacheError(f"{cache}: {key}/{settings.data_name}: non-finite features (NaN or inf) in "
+                         f"{int(broken.sum())} row(s), as computed; check the weights, or extract with "
+                         "--precision fp32")
+    if layer == "fc1000":
+        if pool.shape[-1] != fc_weight.shape[1]:
+            raise CacheError(f"{cache}: {key}: the pooled tap joins tiles ({settings.tile_combine}), which the "
+                             "ImageNet fc layer does not take; use layer pool")
+        X = fc1000(pool, fc_weight, fc_bias)
+    else:
+        X = pool
+    sha256 = c["sha256"]
+    rows = _latest_per_content(sha256, cache, key)
+    rows = rows[np.lexsort((c["path"][rows], c["bundle"][rows]))]  # bundle, then path: not extraction order
+    return FeatureSet(
+        X=X[rows], y=c["label"][rows], groups=c["bundle"][rows], paths=c["path"][rows], sha256=sha256[rows],
+        layer=layer, flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
+        fc_bias=fc_bias)
 
 
 @dataclass(frozen=True)

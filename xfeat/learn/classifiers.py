@@ -277,12 +277,15 @@ class Mahalanobis(_OneClass):
 
 # --- registry -----------------------------------------------------------------------------------------------
 
+from xfeat.learn.patchcore import PatchCore  # noqa: E402  here, not on top: it subclasses _OneClass, above
+
 CLASSIFIERS: dict[str, type] = {
     "fc": FCHead,
     "svm": LinearSVM,
     "logreg": LogReg,
     "knn": KNNNormal,
     "mahalanobis": Mahalanobis,
+    "patchcore": PatchCore,
 }
 
 
@@ -294,4 +297,4 @@ def make_classifier(name: str, **params) -> BaseEstimator:
 
 
 __all__ = ["CLASSIFIERS", "make_classifier", "abnormal_score", "balanced_threshold", "FCHead", "LinearSVM",
-           "LogReg", "KNNNormal", "Mahalanobis"]
+           "LogReg", "KNNNormal", "Mahalanobis", "PatchCore"]

@@ -21,7 +21,7 @@ from joblib import delayed
 from sklearn.base import clone
 
 from xfeat.errors import XfeatError
-from xfeat.features.reading import FeatureSet, RowCheck, load_features, only_current
+from xfeat.features.reading import FeatureSet, RowCheck, load_features, only_current, parse_layer
 from xfeat.io.processes import tied_parallel, workers_ignore_ctrl_c
 from xfeat.learn.binary import fit_on, screening_scale, screening_score
 from xfeat.learn.classifiers import CLASSIFIERS, FCHead, abnormal_score, make_classifier
@@ -31,8 +31,8 @@ from xfeat.learn.operating import (DEFAULT_RECALLS, NestedPlan, OperatingPoint, 
 from xfeat.learn.threads import one_thread
 
 # The ResNet-50 paper's SVM used the fc1000 layer; the fc head starts from the pooled features.
-DEFAULT_LAYER = {"svm": "fc1000"}
-ONE_CLASS = ("knn", "mahalanobis")  # learn from normal images only
+DEFAULT_LAYER = {"svm": "fc1000", "patchcore": "patches"}
+ONE_CLASS = ("knn", "mahalanobis", "patchcore")  # learn from normal images only
 PAPER = {"backbones": ("resnet34",), "methods": ("m1", "m2", "m3", "m4"), "classifiers": ("fc",),
          "params": {"fc": {"epochs": 50, "lr": 1e-3, "lr_step": 10}}}
 
@@ -60,6 +60,8 @@ class ConfigurationResult:
     screening_scores: np.ndarray | None = None  # what recall thresholds are chosen on (``screening_score``)
     operating: list[OperatingPoint] = field(default_factory=list)  # nested, one per recall target
     rows: RowCheck | None = None  # rows left out because the dataset changed (``--data``)
+    evidence: np.ndarray | None = None  # patch scorers: out-of-fold patch scores [N, rows, columns] (anomaly maps)
+    evidence_thresholds: np.ndarray | None = None  # per image: the patch score above which its fold model flags
 
     @property
     def overall(self) -> Counts:
@@ -180,6 +182,8 @@ class CrossFit:
     screening_scores: np.ndarray  # screening_score of each image's fold model: what thresholds are chosen on
     plan: NestedPlan | None = None
     excluded_scores: dict[frozenset[str], np.ndarray | None] = field(default_factory=dict)
+    evidence: np.ndarray | None = None  # patch scorers: each image's patch scores [N, rows, columns], out of fold
+    evidence_thresholds: np.ndarray | None = None  # the distance above which its fold model flags an image
 
 
 def leave_one_bundle_out(fs: FeatureSet, clf: str, params: dict | None = None, *, nested: bool = False,
@@ -200,6 +204,9 @@ def leave_one_bundle_out(fs: FeatureSet, clf: str, params: dict | None = None, *
     fit = CrossFit(np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n))
     for model, mask in zip(_fit_models(fs, clf, params, outer), outer):
         test = ~mask
+        if hasattr(model, "patch_scores"):  # one search of the patches gives the evidence and every score
+            _score_patches(fit, model, fs.X[test], test)
+            continue
         fit.scores[test] = abnormal_score(model, fs.X[test])
         fit.decisions[test] = model.predict(fs.X[test])
         scale = screening_scale(model, fs.X[mask], fs.y[mask])
@@ -218,6 +225,21 @@ def leave_one_bundle_out(fs: FeatureSet, clf: str, params: dict | None = None, *
             scale = screening_scale(model, fs.X[mask], fs.y[mask])
             fit.excluded_scores[bundles_out] = screening_score(model, fs.X[~mask], scale)
     return fit
+
+
+def _score_patches(fit: CrossFit, model, X: np.ndarray, rows: np.ndarray) -> None:
+    """A patch scorer's scores of held-out rows from one nearest-neighbour search: its image score is the
+    largest patch score, its decision function that minus its threshold, its screening score the distance."""
+    evidence = model.patch_scores(X)
+    if fit.evidence is None:
+        fit.evidence = np.zeros((len(fit.scores), *evidence.shape[1:]), np.float32)
+        fit.evidence_thresholds = np.zeros(len(fit.scores))
+    fit.evidence[rows] = evidence
+    fit.evidence_thresholds[rows] = model.threshold_
+    distance = evidence.reshape(len(evidence), -1).max(axis=1).astype(np.float64)
+    fit.screening_scores[rows] = distance
+    fit.scores[rows] = distance - model.threshold_
+    fit.decisions[rows] = model.classes_[(fit.scores[rows] > 0).astype(int)]
 
 
 def evaluate_configuration(cache: str | os.PathLike[str], config: Configuration, params: dict | None = None, *,
@@ -242,7 +264,8 @@ def evaluate_configuration(cache: str | os.PathLike[str], config: Configuration,
     with one_thread():
         fit = leave_one_bundle_out(fs, config.clf, params, nested=bool(recalls), inner_folds=inner_folds)
     result = ConfigurationResult(config, fs, fit.scores, fit.decisions, bundles=sorted(set(fs.groups)),
-                                 screening_scores=fit.screening_scores, rows=rows)
+                                 screening_scores=fit.screening_scores, rows=rows, evidence=fit.evidence,
+                                 evidence_thresholds=fit.evidence_thresholds)
     for bundle in result.bundles:
         mask = fs.groups == bundle
         result.counts[bundle] = Counts.of(fs.y[mask], fit.decisions[mask])
@@ -254,15 +277,35 @@ def evaluate_configuration(cache: str | os.PathLike[str], config: Configuration,
 
 
 def configurations(backbones: Sequence[str], methods: Sequence[str], classifiers: Sequence[str],
-                   layer: str | None = None, size: str | None = None) -> list[Configuration]:
+                   layer: str | Sequence[str] | None = None, size: str | None = None) -> list[Configuration]:
+    """Every (backbone, method, classifier, layer) to run. ``layer``: one layer or several; each classifier takes
+    those it can: ``patchcore`` the patch maps (always), ``fc`` the pooled layer (its first layer is the
+    fc1000 layer), the others every vector layer given (pool, fc1000, local, joins such as pool+local)."""
     for clf in classifiers:
         if clf not in CLASSIFIERS:
             raise XfeatError(f"unknown classifier {clf!r}; one of {', '.join(CLASSIFIERS)}")
-    if layer == "fc1000" and "fc" in classifiers:
-        raise XfeatError("the fc head starts from the pooled features (its first layer is the fc1000 layer); "
-                         "use --layer pool, or leave --layer out")
-    return [Configuration(b, m, c, layer or DEFAULT_LAYER.get(c, "pool"), size or "")
-            for b in backbones for m in methods for c in classifiers]
+    layers = (layer,) if isinstance(layer, str) else tuple(layer or ())
+    for name in layers:
+        parse_layer(name)
+    return [Configuration(b, m, c, name, size or "")
+            for b in backbones for m in methods for c in classifiers for name in _layers_of(c, layers)]
+
+
+def _layers_of(clf: str, layers: Sequence[str]) -> tuple[str, ...]:
+    if clf == "patchcore":
+        return ("patches",)
+    if not layers:
+        return (DEFAULT_LAYER.get(clf, "pool"),)
+    vectors = tuple(name for name in layers if name != "patches")
+    if not vectors:
+        raise XfeatError(f"--layer patches is the patch scorer's (--clf patchcore); {clf} takes pool, fc1000, "
+                         "local or a join such as pool+local")
+    if clf == "fc":
+        if "pool" not in vectors:
+            raise XfeatError("the fc head starts from the pooled features (its first layer is the fc1000 layer); "
+                             "add pool to --layer, or leave --layer out")
+        return ("pool",)
+    return vectors
 
 
 def evaluate(cache: str | os.PathLike[str], configs: Sequence[Configuration], *, params: dict | None = None,

@@ -142,7 +142,6 @@ def _held_out_cell(point: OperatingPoint | None, name: str, statistic: str) -> C
     low, high = point.interval(statistic)
     text = f"{100 * value:.1f}"
     return Cell(f"{text} ({100 * low:.0f}–{100 * high:.0f})", float(text))
-    return table
 
 
 # ---------------------------------------------------------------- console

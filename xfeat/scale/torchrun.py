@@ -118,6 +118,9 @@ def extract_distributed(data: str | os.PathLike[str], cache: str | os.PathLike[s
     if world is None or world.size == 1:
         return extract(data, cache, config, skip_bad=skip_bad, progress=progress, on_plan=on_plan)
     config.validate()
+    if config.taps != ("pool",) or config.tiles is not None:
+        raise XfeatError("torchrun extraction stores the pooled tap of whole images only; run xfeat extract "
+                         "without torchrun for --taps local, --patch-maps or --tiles")
     device = rank_device(config.device, world.local_rank)
     config = replace(config, device=str(device))
     started_here = not dist.is_initialized()
@@ -204,7 +207,7 @@ def _extract_shard(cache: Path, config: ExtractConfig, job: _Assignment, world: 
     return summary
 
 
-def _merge(writer: CacheWriter, cache: Path, groups: dict[tuple[str, str], GroupSettings],
+def _merge(writer: CacheWriter, cache: Path, groups: dict[tuple[str, str, str], GroupSettings],
            todo: Sequence[tuple[Work, str]], world_size: int, skipped: set[str]) -> None:
     """Append every rank's rows to the cache's journal in dataset order: the rows, their order and so every
     dataset of the cache come out as one process would have written them."""
@@ -212,7 +215,7 @@ def _merge(writer: CacheWriter, cache: Path, groups: dict[tuple[str, str], Group
         for start in range(0, len(todo), MERGE_ROWS):
             chunk = [(w, sha) for w, sha in todo[start:start + MERGE_ROWS] if str(w.record.path) not in skipped]
             rows_by_key = {}
-            for (_, method), settings in groups.items():
+            for (_, method, _), settings in groups.items():
                 wanted = [(w.record, sha) for w, sha in chunk if method in w.methods]
                 if wanted:
                     rows_by_key[settings.key] = ranks.rows(settings, wanted)

@@ -11,6 +11,7 @@ A file that cannot be scored gets a ``Prediction`` with its error; the others ar
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import warnings
@@ -27,14 +28,15 @@ from xfeat.io.atomic import atomic_write
 from xfeat.io.manifest import manifest_path, read_manifest
 from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.learn.threads import one_thread
-from xfeat.features.extract import ExtractConfig, Work, batch_features, image_batches
-from xfeat.features.reading import fc1000, load_features
+from xfeat.features.extract import ExtractConfig, Work, batch_taps, image_batches, tap_runner
+from xfeat.features.reading import fc1000, load_features, parse_layer
+from xfeat.features.tiles import Tiling
 from xfeat.io.hashing import file_sha256
 from xfeat.io.images import MAX_PIXELS
-from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
+from xfeat.features.inference import resolve_precision, select_device
 from xfeat.screening.model import ScreeningModel, model_extractor
 
-PREDICTION_COLUMNS = ("path", "score", "decision", "threshold", "error", "bundle", "label", "source")
+PREDICTION_COLUMNS = ("path", "score", "decision", "threshold", "error", "bundle", "label", "source", "map")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Prediction:
     bundle: str = ""
     label: int | None = None
     source: str = ""  # "cache" or "computed"
+    map: str = ""  # the anomaly map written for it (``maps=``)
 
 
 def gather_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[InputImage]:
@@ -92,9 +95,18 @@ def read_prediction_manifest(manifest: Path) -> list[InputImage]:
 
 def predict(model: ScreeningModel, images: Sequence[InputImage], *, cache: str | os.PathLike[str] | None = None,
             weights: str | os.PathLike[str] | None = None, device: str = "auto", workers: int | None = None,
-            progress: Callable[[int], None] | None = None, max_pixels: int = MAX_PIXELS) -> list[Prediction]:
+            progress: Callable[[int], None] | None = None, max_pixels: int = MAX_PIXELS,
+            evidence: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[Prediction]:
     """Score ``images`` (see the module docstring); ``progress(n)`` after each batch of n images. An image
-    declaring more than ``max_pixels`` pixels gets an error row, refused before it is decoded."""
+    declaring more than ``max_pixels`` pixels gets an error row, refused before it is decoded.
+
+    ``evidence(i, pixels, grid)`` is called for each image ``images[i]`` scored, with its converted 8-bit pixels
+    at the model's input size ([H, W] or [H, W, 3]) and where in them the score comes from ([rows, columns], on
+    the scale of ``evidence_threshold``): what anomaly maps are drawn from. Only models with local evidence
+    (``has_local_evidence``: PatchCore) have it; every image is then computed, since a map needs its pixels."""
+    if evidence is not None and not has_local_evidence(model):
+        raise XfeatError(f"a {model.classifier} model has no local evidence to draw; anomaly maps come from "
+                         "patch scorers (xfeat train --clf patchcore)")
     features: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
     hashes = {}
@@ -105,14 +117,14 @@ def predict(model: ScreeningModel, images: Sequence[InputImage], *, cache: str |
             errors[i] = "no such file"
         except OSError as e:
             errors[i] = f"cannot read ({e.strerror or e})"
-    if cache is not None:
+    if cache is not None and evidence is None:
         features.update(_cached(model, cache, hashes))
         if progress and features:
             progress(len(features))
     todo = [i for i in range(len(images)) if i not in features and i not in errors]
     if todo:
         computed, failed = _compute(model, [images[i] for i in todo], weights, device, workers, progress,
-                                    max_pixels)
+                                    max_pixels, evidence and (lambda j, pixels, grid: evidence(todo[j], pixels, grid)))
         features.update({todo[j]: f for j, f in computed.items()})
         errors.update({todo[j]: problem for j, problem in failed.items()})
     if progress and errors:
@@ -135,15 +147,32 @@ def predict(model: ScreeningModel, images: Sequence[InputImage], *, cache: str |
     return predictions
 
 
-def _layer(model: ScreeningModel, pool: np.ndarray, fc_weight: np.ndarray, fc_bias: np.ndarray) -> np.ndarray:
-    return fc1000(pool, fc_weight, fc_bias) if model.layer == "fc1000" else pool
+def has_local_evidence(model: ScreeningModel) -> bool:
+    """True when the model can say where in an image its score comes from (``patch_scores``)."""
+    return hasattr(model.estimator, "patch_scores")
+
+
+def evidence_threshold(model: ScreeningModel) -> float:
+    """The local evidence (a patch's distance to the nearest normal patch) at which the model flags an image:
+    its score is that distance's maximum minus the estimator's own threshold, flagged above ``model.threshold``."""
+    return float(model.threshold + model.estimator.threshold_)
+
+
+def _layer_rows(layer: str, taps: dict[str, np.ndarray], fc_weight: np.ndarray, fc_bias: np.ndarray) -> np.ndarray:
+    """The model's layer from the taps of the unflipped images, as ``load_features`` builds it from the cache."""
+    parts = []
+    for part in parse_layer(layer):
+        if part == "patches":
+            return taps["patches"]
+        parts.append(fc1000(taps["pool"][:, 0], fc_weight, fc_bias) if part == "fc1000" else taps[part][:, 0])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
 def _cached(model: ScreeningModel, cache, hashes: dict[int, str]) -> dict[int, np.ndarray]:
     """Features of these files (by content) that a cache holds with exactly the model's settings."""
     s = model.settings
     try:
-        fs = load_features(cache, s.backbone, s.method, size=(s.input_height, s.input_width))
+        fs = load_features(cache, s.backbone, s.method, layer=model.layer, size=s.size_token)
     except CacheError as e:
         warnings.warn(f"not using the cache: {e}", XfeatWarning, stacklevel=3)
         return {}
@@ -151,16 +180,20 @@ def _cached(model: ScreeningModel, cache, hashes: dict[int, str]) -> dict[int, n
         warnings.warn(f"{cache}: its {s.backbone}/{s.method} features were made with other settings than the "
                       "model's; computing them", XfeatWarning, stacklevel=3)
         return {}
-    X = _layer(model, fs.X, fs.fc_weight, fs.fc_bias)
     row_of = {sha: r for r, sha in enumerate(fs.sha256)}
-    return {i: X[row_of[sha]] for i, sha in hashes.items() if sha in row_of}
+    return {i: fs.X[row_of[sha]] for i, sha in hashes.items() if sha in row_of}
 
 
 def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, device_name: str,
-             workers: int | None, progress, max_pixels: int) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+             workers: int | None, progress, max_pixels: int, evidence: Callable | None = None
+             ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Features of the "none" flip variant, through extraction's pipeline with its forward-batch size."""
     s = model.settings
     size = (s.input_height, s.input_width)
+    tiles = Tiling(*map(int, s.tiles.split("x")), size, s.tile_overlap, s.tile_combine) if s.tiles else None
+    parts = parse_layer(model.layer)
+    taps = tuple(t for t in ("pool", "local", "patches") if t == "pool" or t in parts)
+    patches = json.loads(s.tap_params) if "patches" in parts else None
     device = select_device(device_name)
     try:
         precision = resolve_precision(s.precision, device)
@@ -169,21 +202,28 @@ def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, devic
                       "using fp32 (scores will differ slightly)", XfeatWarning, stacklevel=3)
         precision = "fp32"
     extractor = model_extractor(model, weights)
-    run = runner(prepare_model(extractor, device), device, precision)
-    forward_batch = ExtractConfig(size=size, flips=s.n_flips).images_per_batch() * s.n_flips
+    run = tap_runner(extractor, taps, device, precision)
+    config = ExtractConfig(size=size, flips=s.n_flips, tiles=tiles)
+    forward_batch = config.forward_batch()
     work = [Work(ImageRecord(image.path, image.bundle, image.label or 0, image.path.name), (s.method,))
             for image in images]
     fc_weight, fc_bias = extractor.fc_weight.numpy(), extractor.fc_bias.numpy()
     features, failed = {}, {}
-    for batch in image_batches(work, size, model.window_stats, forward_batch, workers, device,
+    per_batch = config.images_per_batch() * s.n_flips  # unflipped only: as many images as extraction's inputs
+    for batch in image_batches(work, config.input_size, model.window_stats, per_batch, workers, device,
                                max_pixels=max_pixels):
         good = [item for item in batch if not item["problem"]]
         failed.update({item["index"]: item["problem"] for item in batch if item["problem"]})
         if good:
             x = torch.from_numpy(np.stack([item["pixels"][s.method] for item in good]))
-            pool = batch_features(run, x, ("none",), forward_batch)[:, 0]
-            X = _layer(model, pool, fc_weight, fc_bias)
+            X = _layer_rows(model.layer, batch_taps(run, x, ("none",), forward_batch, tiles, taps, patches),
+                            fc_weight, fc_bias)
             features.update({item["index"]: row for item, row in zip(good, X)})
+            if evidence is not None:
+                grids = model.estimator.patch_scores(X)
+                for item, grid in zip(good, grids):
+                    pixels = item["pixels"][s.method]
+                    evidence(item["index"], pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0), grid)
         if progress:
             progress(len(good))
     return features, failed
@@ -197,7 +237,8 @@ def write_predictions(predictions: Sequence[Prediction], path: str | os.PathLike
             writer.writerow(PREDICTION_COLUMNS)
             for p in predictions:
                 writer.writerow([p.path, "" if math.isnan(p.score) else repr(p.score), p.decision,
-                                 repr(p.threshold), p.error, p.bundle, "" if p.label is None else p.label, p.source])
+                                 repr(p.threshold), p.error, p.bundle, "" if p.label is None else p.label, p.source,
+                                 p.map])
     except OSError as e:
         raise DataError(path, f"cannot write predictions ({e.strerror or e})") from None
 
