@@ -83,12 +83,13 @@ def write_dataset(folder: Path, modules_csv: str) -> Path:
 
 
 def extract_features(manifest: Path, workdir: Path, size: tuple[int, int], flips: int,
-                     weights_list: tuple[str, ...] = WEIGHTS) -> dict[str, Path]:
+                     weights_list: tuple[str, ...] = WEIGHTS, taps: tuple[str, ...] = ("pool",)) -> dict[str, Path]:
     """One cache per weights: a cache group is keyed by backbone, method and size, not by weights."""
     caches = {}
     for weights in weights_list:
         caches[weights] = workdir / f"elpv-{BACKBONE}-{weights}-{flips}flips.h5"
-        config = ExtractConfig(backbones=(BACKBONE,), methods=(METHOD,), size=size, flips=flips, weights=weights)
+        config = ExtractConfig(backbones=(BACKBONE,), methods=(METHOD,), size=size, flips=flips, weights=weights,
+                               taps=taps)
         summary = extract(manifest, caches[weights], config)
         print(f"extract --weights {weights}: {summary.computed} images computed, {summary.cached} cached, "
               f"{summary.seconds:.0f} s ({summary.images_per_second:.1f} images/s, {flips} flips each)", flush=True)
@@ -110,16 +111,21 @@ def evaluate_all(caches: dict[str, Path], configs: list[Configuration], params: 
     return by_weights
 
 
+def _name(config: Configuration) -> str:
+    return f"{config.clf} {config.layer}"
+
+
 def table(by_weights: dict[str, list[ConfigurationResult]]) -> str:
-    """Rows: classifiers; per weights: pooled balanced accuracy, its 95 % module-bootstrap interval, AUROC."""
-    lines = [f"{'classifier':12s}" + "".join(f"  {w + ' BA':>11s} {'95% CI':11s} {'AUROC':>5s}" for w in by_weights)]
+    """Rows: classifiers and layers; per weights: pooled balanced accuracy, its 95 % module-bootstrap interval,
+    AUROC."""
+    lines = [f"{'classifier':24s}" + "".join(f"  {w + ' BA':>11s} {'95% CI':11s} {'AUROC':>5s}" for w in by_weights)]
     for row in zip(*by_weights.values()):
         cells = []
         for r in row:
             low, high = r.interval()
             cells.append(f"  {100 * r.overall.balanced_accuracy:11.1f} {f'{100 * low:.1f}-{100 * high:.1f}':11s} "
                          f"{r.overall_auroc:5.3f}")
-        lines.append(f"{row[0].config.clf:12s}" + "".join(cells))
+        lines.append(f"{_name(row[0].config):24s}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -137,7 +143,7 @@ def held_out_table(by_weights: dict[str, list[ConfigurationResult]]) -> str:
                 (cl, ch), (rl, rh) = p.interval("tnr"), p.interval("tpr")
                 cells.append(f"{100 * p.cleared:5.1f} ({100 * cl:4.1f}-{100 * ch:4.1f}) / "
                              f"{100 * p.recall:5.1f} ({100 * rl:4.1f}-{100 * rh:5.1f})")
-            lines.append(f"  {r.config.clf:12s}" + "   ".join(cells))
+            lines.append(f"  {_name(r.config):24s}" + "   ".join(cells))
     return "\n".join(lines)
 
 
@@ -154,6 +160,11 @@ def main() -> None:
     parser.add_argument("--workdir", metavar="DIR", help="keep PNGs, manifest and caches here (default: temporary)")
     parser.add_argument("--modules-csv", default=MODULES_CSV)
     parser.add_argument("--weights", choices=("both", *WEIGHTS), default="both", help="which features to evaluate")
+    parser.add_argument("--clf", default=",".join(CLASSIFIERS), help="classifiers (default: all)")
+    parser.add_argument("--taps", default="pool", help="taps to extract: pool, or pool,local (local features)")
+    parser.add_argument("--patch-maps", action="store_true", help="also extract patch maps (for patchcore)")
+    parser.add_argument("--layers", default=None,
+                        help="layers to evaluate, e.g. pool,local,pool+local (default: each classifier's own)")
     parser.add_argument("--inner-folds", type=int, default=None, metavar="K",
                         help="nested thresholds on K groups of modules (default: leave-one-module-out inside, "
                              "946 inner fits per classifier for 44 modules; K groups need 44 (K-1) + K)")
@@ -166,13 +177,16 @@ def main() -> None:
         sys.exit(f"--workdir {workdir} is inside the repository; ELPV images must stay out of it")
     try:
         manifest = write_dataset(workdir, args.modules_csv)
+        taps = tuple(args.taps.split(",")) + (("patches",) if args.patch_maps else ())
         caches = extract_features(manifest, workdir, args.size, args.flips,
-                                  WEIGHTS if args.weights == "both" else (args.weights,))
+                                  WEIGHTS if args.weights == "both" else (args.weights,), taps)
         extracted = time.perf_counter()
-        configs = configurations((BACKBONE,), (METHOD,), tuple(CLASSIFIERS), size=size)
+        classifiers = tuple(args.clf.split(","))
+        configs = configurations((BACKBONE,), (METHOD,), classifiers, size=size,
+                                 layer=args.layers.split(",") if args.layers else None)
         options = argparse.Namespace(class_weight=None if args.class_weight == "none" else args.class_weight,
                                      seed=0, epochs=args.epochs, precision=None)
-        by_weights = evaluate_all(caches, configs, classifier_params(options, tuple(CLASSIFIERS)), args.jobs,
+        by_weights = evaluate_all(caches, configs, classifier_params(options, classifiers), args.jobs,
                                   inner_folds=args.inner_folds)
         if args.report:
             for weights, results in by_weights.items():

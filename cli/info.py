@@ -120,8 +120,13 @@ def _as_text(info, with_data: bool) -> list[str]:
         s = g.settings
         weights = "RANDOM weights (--weights none)" if s.weights_kind == "none" else \
             f"weights {s.weights_name} (sha256 {s.weights_sha256[:12]})"
-        lines.append(f"{s.key}: {g.n_images} images x {s.n_flips} flips ({s.flips}) x {s.feature_dim}-d; "
-                     f"{weights}; {s.precision}")
+        if s.tap == "patches":
+            rows, cols, dim = s.row_shape
+            shape = f"a {rows}x{cols} map of {dim}-d cells (float16, unflipped)"
+        else:
+            shape = f"{s.n_flips} flips ({s.flips}) x {s.feature_dim}-d"
+        tiles = f"; tiles {s.tiles} overlap {s.tile_overlap:g} combine {s.tile_combine}" if s.tiles else ""
+        lines.append(f"{s.key}: {g.n_images} images x {shape}; {weights}; {s.precision}{tiles}")
         by_bundle: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for (bundle, label), n in g.counts.items():
             by_bundle[bundle][label] += n

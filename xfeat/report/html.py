@@ -1,4 +1,5 @@
-"""report.html: one self-contained page (tables, plots as base64 PNG, inline CSS) that opens anywhere, offline.
+"""report.html: one page (tables, plots as base64 PNG, inline CSS) that opens anywhere, offline; the thumbnails of
+the images each model caught, missed or flagged wrongly (``xfeat.report.gallery``) are small PNGs beside it.
 
 It also words the screening outcome (``screening_text``): the same sentence is on the page and on the console.
 """
@@ -12,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from xfeat import __version__
+from xfeat.report.gallery import Gallery, gallery_section
 from xfeat.report.plots import bundle_bars, cleared_curves, confusion_matrices, png_base64, roc_curves
 from xfeat.report.tables import (BANNER, HELD_OUT_NOTE, ONE_CLASS, ONE_CLASS_NOTE, Cell, Table, build_table,
                                  group_results, table_title)
@@ -32,6 +34,12 @@ td.count { color: #777; } sup { color: #b45309; }
 .banner { background: #b91c1c; color: white; padding: 0.7em 1em; font-weight: bold; font-size: 1.1em; }
 .warn { color: #b91c1c; font-weight: bold; } .note { color: #555; font-size: 0.85em; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
+h4 { margin: 1.2em 0 0.3em; } p.kind { margin: 0.6em 0 0.2em; font-size: 0.9em; }
+.gallery { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; }
+figure { margin: 0; font-size: 0.75em; color: #555; max-width: 192px; overflow-wrap: anywhere; }
+figure img { margin: 0 0 0.15em; border: 1px solid #bbb; }
+figure.missing { width: 110px; min-height: 4em; border: 1px dashed #bbb; padding: 0.3em; }
+figure.legend { max-width: none; margin: 0.3em 0 0.8em; }
 """
 
 EXPLANATION = """
@@ -81,7 +89,7 @@ def _img(fig: Figure, alt: str) -> str:
     return f'<img src="data:image/png;base64,{png_base64(fig)}" alt="{html.escape(alt)}">'
 
 
-def _section(group: Sequence[ConfigurationResult]) -> str:
+def _section(group: Sequence[ConfigurationResult], gallery: Gallery | None = None) -> str:
     table = build_table(group)
     e = html.escape
     parts = [f"<h2>{e(table_title(table))}</h2>"]
@@ -103,6 +111,7 @@ def _section(group: Sequence[ConfigurationResult]) -> str:
                   "<p class=note>Curves: pooled out-of-fold scores. Markers: the nested held-out operating points "
                   "(what a threshold chosen for the target on other bundles did), bars their 95% intervals.</p>",
                   _img(cleared_curves(group), f"normal cleared against recall, {table_title(table)}")]
+    parts.append(gallery_section(group, gallery))
     return "\n".join(parts)
 
 
@@ -154,8 +163,9 @@ def _span(interval: tuple[float, float]) -> str:
 
 def render_html(results: Sequence[ConfigurationResult], *, created: str | None = None,
                 screening: ScreeningOutcome | None = None, heldout: dict | None = None,
-                near_duplicates: Sequence[dict] | None = None) -> str:
-    """One self-contained page: tables and plots (base64 PNG); no external files, CSS or scripts."""
+                near_duplicates: Sequence[dict] | None = None, gallery: Gallery | None = None) -> str:
+    """One page: tables and plots (base64 PNG), no external CSS or scripts; with a ``gallery`` (``write_gallery``
+    into the same folder), the thumbnails of each configuration's images, as links to its files."""
     created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>xfeat evaluation report</title>", f"<style>{CSS}</style></head><body>",
@@ -171,7 +181,7 @@ def render_html(results: Sequence[ConfigurationResult], *, created: str | None =
     parts.append(EXPLANATION)
     if near_duplicates:
         parts.append(_duplicates_section(near_duplicates))
-    parts += [_section(group) for group in group_results(results).values()]
+    parts += [_section(group, gallery) for group in group_results(results).values()]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
