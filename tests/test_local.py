@@ -198,3 +198,22 @@ def test_local_layers_score_new_images_as_the_cache_does(tapped, data):
         cached = predict(model, images, cache=tapped, device="cpu", workers=0)
         assert {p.source for p in computed} == {"computed"} and {p.source for p in cached} == {"cache"}
         assert [p.score for p in computed] == [p.score for p in cached]
+
+
+def test_one_search_gives_the_patch_scorer_every_score(tapped):
+    """Leave-one-bundle-out scores a patch scorer's held-out images with one search; the result is what the
+    estimator's own methods say, bit for bit."""
+    from xfeat.learn.binary import abnormal_score, screening_score
+    from xfeat.learn.classifiers import make_classifier
+    from xfeat.learn.evaluation import Configuration, evaluate_configuration
+
+    result = evaluate_configuration(tapped, Configuration("resnet18", "m2", "patchcore", "patches", ""), recalls=())
+    fs = result.features
+    held_out = fs.groups == "B1"
+    model = make_classifier("patchcore").fit(fs.X[~held_out], fs.y[~held_out], fs.groups[~held_out])
+    X = fs.X[held_out]
+    assert np.array_equal(result.scores[held_out], abnormal_score(model, X))
+    assert np.array_equal(result.decisions[held_out], model.predict(X))
+    assert np.array_equal(result.screening_scores[held_out], screening_score(model, X))
+    assert np.array_equal(result.evidence[held_out], model.patch_scores(X))
+    assert np.all(result.evidence_thresholds[held_out] == model.threshold_)
