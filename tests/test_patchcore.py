@@ -140,3 +140,19 @@ def test_make_classifier_builds_it():
     est = make_classifier("patchcore", coreset=0.2, max_bank=100)
     assert isinstance(est, PatchCore) and est.coreset == 0.2 and est.max_bank == 100
     assert clone(est).get_params() == est.get_params()
+
+
+def test_pool_averages_blocks_of_cells_before_searching():
+    from xfeat.learn.patchcore import _block_means
+
+    maps = np.arange(2 * 5 * 4 * 3, dtype=np.float16).reshape(2, 5, 4, 3)
+    pooled = _block_means(maps, 2)
+    assert pooled.shape == (2, 3, 2, 3)  # partial blocks at the edges are kept: a defect there still counts
+    assert np.allclose(pooled[1, 2, 1], maps[1, 4:, 2:].astype(np.float32).mean(axis=(0, 1)))
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 6, 6, 8)).astype(np.float16)
+    y = np.r_[np.zeros(15, int), np.ones(5, int)]
+    model = PatchCore(pool=2).fit(X, y)
+    assert model.patch_scores(X).shape == (20, 3, 3)
+    assert np.array_equal(model.anomaly_score(X), PatchCore().fit(_block_means(X, 2), y).anomaly_score(
+        _block_means(X, 2)))

@@ -31,11 +31,15 @@ class PatchCore(_OneClass):
     ``groups``, ``normal_quantile`` without abnormal training rows). Nothing depends on the order of the rows:
     candidates are drawn from the images sorted by a hash of their bytes.
 
+    ``pool`` k > 1 averages the cells of a [N, gh, gw, d] map in k x k blocks first: k^2 times fewer searches, for
+    large sets (leave-one-bundle-out scores every training image once per fold), coarser evidence.
+
     Fitted: ``bank_`` [n_bank, d] float32, ``n_features_in_`` (d), ``classes_``, ``threshold_`` (``fit`` only).
     """
 
     def __init__(self, coreset: float = 0.1, max_bank: int = 4000, max_candidates: int = 20000,
-                 random_state: int = 0, cv: int = 5, normal_quantile: float = 0.95):
+                 random_state: int = 0, cv: int = 5, normal_quantile: float = 0.95, pool: int = 1):
+        self.pool = pool
         self.coreset = coreset
         self.max_bank = max_bank
         self.max_candidates = max_candidates
@@ -144,6 +148,8 @@ class PatchCore(_OneClass):
         if X.ndim not in (3, 4):
             raise ValueError(f"{type(self).__name__} needs patch maps, X of shape [N, gh, gw, d] or [N, P, d]; got "
                              f"a {X.ndim}-D array of shape {X.shape}")
+        if X.ndim == 4 and self.pool > 1:
+            X = _block_means(X, self.pool)
         if reset:
             self.n_features_in_ = X.shape[-1]
         elif X.shape[-1] != self.n_features_in_:
@@ -203,6 +209,16 @@ def _farthest(bound: np.ndarray, pending: list[int], squared_distances) -> int:
         if true[best] >= next_bound:
             return int(top[best])
         m *= 4
+
+
+def _block_means(maps: np.ndarray, k: int) -> np.ndarray:
+    """[N, gh, gw, d] -> [N, ceil(gh / k), ceil(gw / k), d] float32: the mean of each k x k block of cells."""
+    out = maps
+    for axis in (1, 2):
+        starts = np.arange(0, out.shape[axis], k)
+        sizes = np.diff(np.append(starts, out.shape[axis])).reshape([-1 if a == axis else 1 for a in range(4)])
+        out = np.add.reduceat(out.astype(np.float32, copy=False), starts, axis=axis) / sizes
+    return out.astype(np.float32)
 
 
 def _row_keys(maps: np.ndarray) -> np.ndarray:
