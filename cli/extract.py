@@ -31,38 +31,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="dataset folder ROOT/<bundle>/<label>/<image> or CSV manifest")
     p.add_argument("--cache", required=True, help="HDF5 feature cache to create or extend")
     p.add_argument("--backbone", type=names_arg, default=("resnet34",),
-                   help="comma-separated backbones: resnet34, resnet50, efficientnet_lite0, any torchvision "
-                        "classification model, or timm/NAME for any timm model (default resnet34)")
+                   help="resnet34 (default), resnet50, efficientnet_lite0, any torchvision classifier, or "
+                        "timm/NAME; comma-separated")
     p.add_argument("--methods", type=names_arg, default=("m1", "m2", "m3", "m4"),
                    help=f"comma-separated conversion methods from {', '.join(METHODS)} (default m1,m2,m3,m4)")
     p.add_argument("--size", type=input_size_arg, default=(2000, 1000), metavar="HxW",
-                   help="network input size (default 2000x1000, the fuel-cell paper; 224x224 for the ResNet-50 one)")
+                   help="network input (default 2000x1000, as the fuel-cell paper)")
     add_max_pixels(p)
     p.add_argument("--taps", type=names_arg, default=("pool",),
-                   help="what to store per image: pool (the globally pooled vector, default), local (mean, max and "
-                        "GeM of the stride-8 and 16 stages: small defects); see docs/extract.md")
+                   help="pool (default) or pool,local: + mean/max/GeM of the stride-8/16 stages (small defects)")
     p.add_argument("--patch-maps", action="store_true",
-                   help="also store each image's local map (float16, <= 1 MB per image and method) for "
-                        "--clf patchcore and anomaly maps")
+                   help="also store local maps (<= 1 MB/image) for --clf patchcore and anomaly maps")
     p.add_argument("--tiles", metavar="RxC", default=None,
-                   help="run the backbone on R x C tiles of --size (a multiple of 32) at native resolution "
-                        "instead of shrinking the whole image to --size")
-    p.add_argument("--tile-overlap", type=float, default=0.125, metavar="F",
-                   help="overlap of neighbouring tiles, a fraction of a tile (default 0.125)")
-    p.add_argument("--tile-combine", choices=("mean", "max", "both"), default="mean",
-                   help="how the pooled tap joins the tiles' vectors (default mean; both: side by side)")
+                   help="run the backbone on R x C tiles of --size at native resolution")
+    p.add_argument("--tile-overlap", type=float, default=0.125, metavar="F", help="(default 0.125 of a tile)")
+    p.add_argument("--tile-combine", choices=("mean", "max", "both"), default="mean", metavar="HOW",
+                   help="pool over tiles: mean (default), max, both")
     p.add_argument("--flips", type=int, default=4, choices=(1, 2, 4),
-                   help="flip variants per image: 1 none, 2 +h, 4 +v,hv (default 4)")
+                   help="flip variants: 1 none, 2 +h, 4 +v,hv (default 4)")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet (default), none (random, flagged downstream) or PATH to a state dict")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: fp16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="P",
+                   help="auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                    help="images per forward pass (default: auto)")
     p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
-                   help="decoding processes overlapped with inference (default 2; 0 decodes in-process)")
-    p.add_argument("--stats", metavar="FILE", help="window statistics to use (stats.json) instead of the dataset's")
+                   help="decoding processes (default 2; 0: in this one)")
+    p.add_argument("--stats", metavar="FILE", help="window statistics (stats.json) instead of the data's")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end)")
     add_common(p)
     p.set_defaults(run=run, usage_error=p.error)  # --size against --max-pixels: a usage error, after parsing
