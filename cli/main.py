@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except XfeatError as e:
             print(f"xfeat: error: {e}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # stdout piped into a reader that stopped (xfeat info c.h5 | head): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+            return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
         except OSError as e:  # last resort: a file problem the library did not word (a folder it could not make)
             print(f"xfeat: error: {_os_error_line(e)}", file=sys.stderr)
             return 1

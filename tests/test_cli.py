@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import xfeat
+from conftest import write_feature_cache
 from xfeat_cli.main import main
 from xfeat.convert.methods import METHODS
 
@@ -124,3 +125,13 @@ def test_a_count_below_its_minimum_is_a_usage_error(argv, capsys):
     assert stopped.value.code == 2
     option = argv[-2]
     assert f"argument {option}: " in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_error(tmp_path):
+    """``xfeat info c.h5 | head -1``: the reader leaves before xfeat writes; xfeat stops quietly, as cat would."""
+    cache = write_feature_cache(tmp_path / "c.h5", np.zeros((4, 1, 3)), [0, 1, 0, 1], ["B1", "B1", "B2", "B2"])
+    child = subprocess.Popen(["xfeat", "info", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    stderr = child.stderr.read().decode()
+    assert child.wait() == 141 and stderr == "", stderr
+    assert xfeat_cli("info", cache).stdout  # the cache is untouched and still reads

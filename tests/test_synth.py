@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import os
 import re
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -18,6 +20,7 @@ from xfeat.synth import (
     ANOMALY_TYPES,
     SIZE_RANGE_H,
     SIZE_RANGE_W,
+    SMALL_ANOMALIES,
     BundleStyle,
     SynthSummary,
     make_dataset,
@@ -119,6 +122,26 @@ def test_plan_defaults_for_several_seeds(seed: int) -> None:
     assert len({(p.height, p.width) for p in plans}) > 100  # sizes really vary per image
     # The bright tail (registration hole) exists, but only in some bundles.
     assert 0 < sum(s.hole_level > 0 for s in styles.values()) < 12
+
+
+def test_anomalies_limit_the_types_and_change_nothing_else(tmp_path: Path) -> None:
+    kwargs = dict(bundles=4, images=60, abnormal_fraction=0.5, size=(32, 32), seed=3)
+    every, _ = plan_dataset(**kwargs)
+    assert plan_dataset(**kwargs, anomalies=ANOMALY_TYPES)[0] == every
+    small, _ = plan_dataset(**kwargs, anomalies=SMALL_ANOMALIES)
+    assert 1 < len({p.anomaly for p in small if p.anomaly}) and {p.anomaly for p in small} <= {"", *SMALL_ANOMALIES}
+    assert [(p.path, p.label) for p in small] == [(p.path, p.label) for p in every]  # only the types differ
+
+    summary = make_dataset(tmp_path / "d", **kwargs, jobs=1, anomalies=["bubble"])
+    _, rows = read_manifest(summary.root)
+    assert {r["anomaly"] for r in rows} == {"", "bubble"}
+
+
+@pytest.mark.parametrize("anomalies", [(), ["crack"], "bubble", None])
+def test_bad_anomalies(tmp_path: Path, anomalies) -> None:
+    with pytest.raises(XfeatError, match="anomalies must be"):
+        make_dataset(tmp_path / "out", bundles=2, images=4, size=SMALL, jobs=1, anomalies=anomalies)
+    assert not (tmp_path / "out").exists()
 
 
 def test_all_abnormal_and_all_normal(tmp_path: Path) -> None:
@@ -308,3 +331,17 @@ def test_anomaly_changes_only_its_neighbourhood(anomaly: str, size: tuple[int, i
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) / normal.size
     if anomaly not in {"line", "edge_tension", "ink_fluctuation", "ink_entry_exit", "smudge"}:
         assert box < 0.25, box
+
+
+@pytest.mark.parametrize("anomaly", ["agglomerate", "bubble"])
+def test_small_defects_are_a_few_pixels_across_and_plainly_visible(anomaly: str) -> None:
+    """At the real size, pores and clumps are spots of a few pixels that stand out from the noise even at the
+    lowest severity: what a person labels, and what shrinking the image to 224 x 224 averages away."""
+    size = (2084, 1169)
+    normal = _normal_electrode(size)
+    noise = math.hypot(ANOMALY_STYLE.noise, ANOMALY_STYLE.grain)
+    for severity in (0.0, 1.0):
+        diff = render_electrode((9, 1), *size, ANOMALY_STYLE, anomaly, severity=severity).astype(np.int32) - normal
+        assert np.abs(diff).max() > 3.5 * noise, severity  # measured 4.0 (bubble) and 6.8 at severity 0
+        count, _, stats, _ = cv2.connectedComponentsWithStats((np.abs(diff) > 2 * noise).astype(np.uint8))
+        assert count > 1 and stats[1:, 2:4].max() <= 32, severity  # each spot at most ~30 px across

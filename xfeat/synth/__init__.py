@@ -1,6 +1,6 @@
 """Synthetic 16-bit electrode X-ray data sets shaped like the fuel-cell paper's, for demos, tests and benchmarks."""
 
-from xfeat.synth.anomalies import ANOMALY_TYPES
+from xfeat.synth.anomalies import ANOMALY_TYPES, SMALL_ANOMALIES
 from xfeat.synth.electrode import render_electrode
 from xfeat.synth.plan import SIZE_RANGE_H, SIZE_RANGE_W, BundleStyle, ImagePlan, plan_dataset
 from xfeat.synth.writer import MANIFEST_HEADER, SynthSummary, make_dataset
@@ -10,6 +10,7 @@ __all__ = [
     "MANIFEST_HEADER",
     "SIZE_RANGE_H",
     "SIZE_RANGE_W",
+    "SMALL_ANOMALIES",
     "BundleStyle",
     "ImagePlan",
     "SynthSummary",

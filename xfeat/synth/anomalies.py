@@ -1,8 +1,10 @@
 """The paper's eleven anomaly types, each a painter that draws one defect onto a clean electrode.
 
 X-ray physics: the image is a transmission image, so *less* material (missing ink, a scratch, a void) is
-*brighter* and *more* material (an agglomerate, a thick edge bead) is *darker*.  Severity runs from near
-the noise level to obvious, so that some defects are hard to see.
+*brighter* and *more* material (an agglomerate, a thick edge bead) is *darker*.  Severity runs from plainly
+visible at full resolution (4 x the pixel noise) to the contrast of the whole ink layer (``_Geometry.contrast``).
+Pores, clumps and scratches are a few pixels across (``SMALL_ANOMALIES``): clear to an inspector at full
+resolution, averaged away when the image is shrunk to a network's 224 x 224 input.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ ANOMALY_TYPES: tuple[str, ...] = (
     "ink_entry_exit",
 )
 """The anomaly types :func:`render_electrode` can draw: the paper's eleven."""
+
+SMALL_ANOMALIES: tuple[str, ...] = ("scratch", "bubble", "agglomerate")
+"""The types a few pixels across at full resolution (scratches are long, but 1-3 px wide): what shrinking the
+image to a network's input averages away and local features at full size keep."""
 
 
 def _add_patch(img: np.ndarray, patch: np.ndarray, y0: int, x0: int) -> None:
@@ -190,7 +196,7 @@ def _bubble(rng, img, g, severity):
     cy, cx = _random_point(rng, g, 0)
     cluster = _px(80, g.scale, 6)
     for _ in range(int(rng.integers(1, 7))):
-        r = _px(rng.uniform(4, 22), g.scale, 2.5)
+        r = _px(rng.uniform(3, 10), g.scale, 2.5)  # 6-20 px across: 1-4 pixels of a 224 x 224 input
         y = cy + rng.uniform(-cluster, cluster)
         x = float(np.clip(cx + rng.uniform(-cluster, cluster), g.x0 + r, g.x1 - r))
         pad = int(r + 4)
@@ -227,7 +233,7 @@ def _agglomerate(rng, img, g, severity):
     cy, cx = _random_point(rng, g, 0)
     cluster = _px(150, g.scale, 6)
     for _ in range(int(rng.integers(1, 6))):
-        r = _px(rng.uniform(2, 11), g.scale, 1.5)
+        r = _px(rng.uniform(1.5, 5), g.scale, 1.5)  # 3-10 px across: at most 2 pixels of a 224 x 224 input
         y = cy + rng.uniform(-cluster, cluster)
         x = float(np.clip(cx + rng.uniform(-cluster, cluster), g.x0 + r, g.x1 - r))
         pad = int(2 * r + 4)

@@ -30,8 +30,12 @@ class _Geometry:
     noise: float  # pixel-level background std (detector noise and grain): the unit of anomaly contrast
 
     def contrast(self, severity: float) -> float:
-        """Defect contrast in counts: from near the noise level (severity 0) to obvious (severity 1)."""
-        return self.noise * (1.2 + 10.0 * severity)
+        """Defect contrast in counts: from plainly visible at full resolution (severity 0: 4 x the pixel noise) to
+        the contrast of the whole ink layer (severity 1: what a hole through it shows, the step to the bare
+        margin). Every abnormal image was labelled by a person looking at it, so even the subtlest defect stands
+        out from the noise there; what hides a small one is shrinking the image."""
+        visible = 4.0 * self.noise
+        return visible + severity * max(self.margin_level - self.level - visible, 0.0)
 
 
 def _px(full: float, scale: float, minimum: float) -> float:

@@ -93,8 +93,8 @@ def render_electrode(seed: int | Sequence[int], height: int, width: int, style: 
 
     ``seed`` seeds the background and the anomaly separately, so the same seed with ``anomaly=None``
     gives exactly the defect-free version of the same electrode (useful as ground truth).
-    ``severity`` in [0, 1] sets the defect contrast from near the noise level (0) to obvious (1);
-    ``None`` draws it at random, skewed towards subtle defects so the task is not trivial.
+    ``severity`` in [0, 1] sets the defect contrast from plainly visible at full resolution (0: 4 x the pixel
+    noise) to that of the whole ink layer (1); ``None`` draws it at random, skewed towards subtle defects.
     """
     if anomaly is not None and anomaly not in _PAINTERS:
         raise XfeatError(f"unknown anomaly type {anomaly!r}; choose one of {', '.join(ANOMALY_TYPES)}")

@@ -10,6 +10,7 @@ it does not depend on how many workers render it.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,7 @@ class ImagePlan:
 
 
 def _validate(bundles: int, images: int, abnormal_fraction: float, size: object, seed: int,
-              jobs: int | None) -> None:
+              jobs: int | None, anomalies: object = ANOMALY_TYPES) -> None:
     """Reject bad arguments with one-line messages before anything touches the disk."""
     def is_int(v: object) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -77,6 +78,8 @@ def _validate(bundles: int, images: int, abnormal_fraction: float, size: object,
         raise XfeatError(f"seed must be an integer >= 0, got {seed!r}")
     if jobs is not None and (not is_int(jobs) or jobs < 1):
         raise XfeatError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if not isinstance(anomalies, (list, tuple)) or not anomalies or any(a not in ANOMALY_TYPES for a in anomalies):
+        raise XfeatError(f"anomalies must be a non-empty list of {', '.join(ANOMALY_TYPES)}, got {anomalies!r}")
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
@@ -152,13 +155,16 @@ def _abnormal_counts(rng: np.random.Generator, sizes: np.ndarray, n_abnormal: in
 
 
 def plan_dataset(*, bundles: int = 12, images: int = 714, abnormal_fraction: float = 152 / 714,
-                 size: tuple[int, int] | None = None,
-                 seed: int = 0) -> tuple[list[ImagePlan], dict[str, BundleStyle]]:
+                 size: tuple[int, int] | None = None, seed: int = 0,
+                 anomalies: Sequence[str] = ANOMALY_TYPES) -> tuple[list[ImagePlan], dict[str, BundleStyle]]:
     """Decide everything about a data set without drawing it, so workers only render.
 
-    Returns the images in path order and the style of each bundle.
+    ``anomalies``: the types abnormal images are drawn from (default all eleven), e.g. only the small ones
+    (``SMALL_ANOMALIES``); everything else (bundles, labels, sizes) is planned as with all eleven. Returns the
+    images in path order and the style of each bundle.
     """
-    _validate(bundles, images, abnormal_fraction, size, seed, None)
+    _validate(bundles, images, abnormal_fraction, size, seed, None, anomalies)
+    allowed = np.isin(ANOMALY_TYPES, list(anomalies))
     rng = np.random.default_rng(seed)
     names = [f"B{b + 1:0{max(2, len(str(bundles)))}d}" for b in range(bundles)]
     styles = _bundle_styles(rng, bundles)
@@ -173,6 +179,8 @@ def plan_dataset(*, bundles: int = 12, images: int = 714, abnormal_fraction: flo
     for b, name in enumerate(names):
         # Each bundle favours a few defect types, as a real production problem would.
         type_p = rng.dirichlet(np.full(len(ANOMALY_TYPES), 0.8))
+        if not allowed.all():  # the same draws either way: only the abnormal images' types change
+            type_p = np.where(allowed, type_p, 0.0) / type_p[allowed].sum()
         abnormal = np.zeros(sizes[b], dtype=bool)
         abnormal[rng.choice(sizes[b], n_abn[b], replace=False)] = True
         for is_abn in abnormal:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import tifffile
 from xfeat.errors import XfeatError
 from xfeat.io.atomic import atomic_write
 from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
+from xfeat.synth.anomalies import ANOMALY_TYPES
 from xfeat.synth.electrode import render_electrode
 from xfeat.synth.plan import BundleStyle, ImagePlan, _validate, plan_dataset
 
@@ -80,7 +81,7 @@ def _write_manifest(root: Path, plans: list[ImagePlan]) -> Path:
 
 def make_dataset(out: str | os.PathLike, *, bundles: int = 12, images: int = 714,
                  abnormal_fraction: float = 152 / 714, size: tuple[int, int] | None = None,
-                 seed: int = 0, jobs: int | None = None,
+                 seed: int = 0, jobs: int | None = None, anomalies: Sequence[str] = ANOMALY_TYPES,
                  progress: Callable[[int], None] | None = None) -> SynthSummary:
     """Write a synthetic data set shaped like the fuel-cell paper's, for demos and tests.
 
@@ -88,14 +89,15 @@ def make_dataset(out: str | os.PathLike, *, bundles: int = 12, images: int = 714
     image's index over the whole data set, from 0, and ``render_electrode((seed, NNNN), ...)`` redraws it) plus
     ``OUT/manifest.csv`` (``path,bundle,label,anomaly``).  ``out`` must be new or empty.  ``size=None``
     draws each image's size in the real data's range; ``size=(H, W)`` fixes it (small images for tests).
+    ``anomalies`` limits the defect types drawn (default: all eleven).
     Same arguments give byte-identical files whatever ``jobs`` is.  ``progress(n)`` is called in this
     process with the number of images just written.
     """
-    _validate(bundles, images, abnormal_fraction, size, seed, jobs)
+    _validate(bundles, images, abnormal_fraction, size, seed, jobs, anomalies)
     root = Path(out)
     _check_output_folder(root)
     plans, styles = plan_dataset(bundles=bundles, images=images, abnormal_fraction=abnormal_fraction,
-                                 size=size, seed=seed)
+                                 size=size, seed=seed, anomalies=anomalies)
     root.mkdir(parents=True, exist_ok=True)
     for folder in sorted({p.path.rsplit("/", 1)[0] for p in plans}):
         (root / folder).mkdir(parents=True, exist_ok=True)
