@@ -107,5 +107,5 @@ def progress_bar(total: int | None, description: str, quiet: bool) -> Iterator[t
 def add_max_pixels(parser: argparse.ArgumentParser) -> None:
     """The one definition of --max-pixels, shared by extract, convert and predict."""
     parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
-                        help=f"refuse images (and input sizes) over N pixels, read from the file's header before "
-                             f"decoding (default {MAX_PIXELS} = {megapixels(MAX_PIXELS)} MP)")
+                        help=f"refuse images (and input sizes) over N pixels, read from the header (default "
+                             f"{megapixels(MAX_PIXELS)} MP)")

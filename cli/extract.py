@@ -43,8 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-maps", action="store_true",
                    help="also store local maps (<= 1 MB/image) for --clf patchcore and anomaly maps")
     p.add_argument("--tiles", metavar="RxC", default=None,
-                   help="run the backbone on R x C tiles of --size at native resolution")
-    p.add_argument("--tile-overlap", type=float, default=0.125, metavar="F", help="(default 0.125 of a tile)")
+                   help="run the backbone on R x C tiles of --size at native resolution (--tile-overlap "
+                        "F, default 0.125 of a tile)")
+    p.add_argument("--tile-overlap", type=float, default=0.125, metavar="F", help=argparse.SUPPRESS)
     p.add_argument("--tile-combine", choices=("mean", "max", "both"), default="mean", metavar="HOW",
                    help="pool over tiles: mean (default), max, both")
     p.add_argument("--flips", type=int, default=4, choices=(1, 2, 4),
@@ -54,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="P",
                    help="auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), metavar="T",
+                   help="stored features: float32 (default) or float16 (half the disk)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                    help="images per forward pass (default: auto)")
     p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                            weights=args.weights, device=args.device, precision=args.precision,
                            batch_size=args.batch_size, workers=args.workers, jobs=args.jobs,
                            stats=WindowStats.load(args.stats) if args.stats else None, max_pixels=args.max_pixels,
-                           taps=(*args.taps, *(("patches",) if args.patch_maps else ())), tiles=tiles)
+                           taps=(*args.taps, *(("patches",) if args.patch_maps else ())), tiles=tiles,
+                           storage=args.dtype)
     world = torchrun_world()  # under torchrun this process is one rank of a distributed run
     ranks, lead = (world.size, world.rank == 0) if world else (1, True)
     quiet = args.quiet or not lead  # rank 0 reports for the whole run

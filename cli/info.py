@@ -98,7 +98,7 @@ def _folds_text(folds: FoldWindows | None, source: str | None, note: str | None)
 
 
 def _as_json(info) -> dict:
-    return {"path": str(info.path), "size_bytes": info.size_bytes, "attrs": info.attrs,
+    return {"path": str(info.path), "size_bytes": info.size_bytes, "segments": info.segments, "attrs": info.attrs,
             "window_stats": info.window_stats.to_dict() if info.window_stats else None,
             "pending_batches": info.pending_batches, "bad_batches": info.bad_batches,
             "groups": [{**asdict(g.settings), "key": g.settings.key, "n_images": g.n_images,
@@ -109,7 +109,8 @@ def _as_json(info) -> dict:
 
 
 def _as_text(info, with_data: bool) -> list[str]:
-    lines = [f"{info.path}: {info.size_bytes / 1e6:.1f} MB, xfeat {info.attrs.get('xfeat_version')}, "
+    layout = f" in {info.segments} segments ({info.path.name}.segments/)" if info.segments else ""
+    lines = [f"{info.path}: {info.size_bytes / 1e6:.1f} MB{layout}, xfeat {info.attrs.get('xfeat_version')}, "
              f"created {info.attrs.get('created')}, updated {info.attrs.get('updated')}"]
     if info.window_stats:
         lines.append(f"  {info.window_stats.describe()}")
@@ -126,7 +127,8 @@ def _as_text(info, with_data: bool) -> list[str]:
         else:
             shape = f"{s.n_flips} flips ({s.flips}) x {s.feature_dim}-d"
         tiles = f"; tiles {s.tiles} overlap {s.tile_overlap:g} combine {s.tile_combine}" if s.tiles else ""
-        lines.append(f"{s.key}: {g.n_images} images x {shape}; {weights}; {s.precision}{tiles}")
+        stored = "; stored float16" if s.storage == "float16" and s.tap != "patches" else ""
+        lines.append(f"{s.key}: {g.n_images} images x {shape}; {weights}; {s.precision}{stored}{tiles}")
         by_bundle: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for (bundle, label), n in g.counts.items():
             by_bundle[bundle][label] += n

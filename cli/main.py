@@ -14,9 +14,9 @@ from contextlib import contextmanager
 
 from xfeat import __version__
 from xfeat.errors import XfeatError, XfeatWarning
-from xfeat_cli import convert, evaluate, extract, info, predict, synth, train
+from xfeat_cli import compact, convert, evaluate, extract, info, predict, synth, train
 
-COMMANDS = (synth, convert, extract, info, evaluate, train, predict)
+COMMANDS = (synth, convert, extract, info, compact, evaluate, train, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tifffile
@@ -68,3 +71,15 @@ def write_feature_cache(path: Path, X: np.ndarray, y, bundles, *, backbone="toy"
                                        [bundles[i] for i in rows], [int(y[i]) for i in rows],
                                        [f"{i:064x}" for i in rows], [8] * n, [8] * n)})
     return path
+
+
+@contextmanager
+def stored(cache: Path, name: str) -> Iterator[h5py.Dataset]:
+    """The dataset that stores ``name`` of a cache: the dataset itself in a single file, its first segment's for a
+    virtual dataset of the segment layout (where chunking, compression and checksums are)."""
+    with h5py.File(cache, "r") as f:
+        ds = f[name]
+        file, source = (cache, name) if not ds.is_virtual else (
+            Path(cache).parent / ds.virtual_sources()[0].file_name, ds.virtual_sources()[0].dset_name)
+    with h5py.File(file, "r") as f:
+        yield f[source]

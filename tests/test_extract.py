@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -18,10 +18,10 @@ import pytest
 import tifffile
 import torch
 
-from conftest import random_image, write_dataset
+from conftest import random_image, stored, write_dataset
 from xfeat import load_features
 from xfeat.features.extractor import build_extractor
-from xfeat.features.cache import CacheError, CacheWriter
+from xfeat.features.cache import CacheError, CacheWriter, copy_cache
 from xfeat_cli.main import main
 from xfeat.convert.methods import convert
 from xfeat.features.extract import ExtractConfig, extract
@@ -46,8 +46,7 @@ def extracted(tmp_path_factory, one_torch_thread) -> tuple[Path, Path, object]:
 
 
 def _copy(cache: Path, to: Path) -> Path:
-    shutil.copyfile(cache, to)
-    return to
+    return copy_cache(cache, to)
 
 
 def features_by_path(cache: Path, backbone="resnet18", method="m2") -> dict[str, np.ndarray]:
@@ -59,7 +58,8 @@ def test_cache_is_plain_hdf5_with_documented_layout(extracted):
     _, cache, summary = extracted
     assert summary.computed == 8 and summary.cached == 0
     with h5py.File(cache, "r") as f:
-        assert f.attrs["format"] == "xfeat.features" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "xfeat.features" and f.attrs["format_version"] == 3
+        assert f.attrs["layout"] == "segments" and f.attrs["segments"] == "c.h5.segments"
         assert f.attrs["g_max"] > f.attrs["g_min"] and "G_min" not in f.attrs and f.attrs["window_stats"]
         group = f["features/resnet18/m2/64x32"]
         assert group["pool"].shape == (8, 4, 512) and group["pool"].dtype == np.float32
@@ -71,6 +71,10 @@ def test_cache_is_plain_hdf5_with_documented_layout(extracted):
         assert group["sha256"][0].decode() and len(group["sha256"][0]) == 64
         assert set(group["height"][:]) == {40} and set(group["width"][:]) == {24}
         assert "features/resnet18/m1/64x32" in f and f["features/resnet18/m1/64x32"].attrs["g_min"] == -1
+        # the index: every per-image dataset is a virtual one over the segments, listed in index_runs
+        assert group["pool"].is_virtual and group["index_runs"][:].tolist() == [[1, 0, 8]]
+        assert {s.file_name for s in group["pool"].virtual_sources()} == {"c.h5.segments/000001.h5"}
+    assert sorted(p.name for p in Path(f"{cache}.segments").iterdir()) == ["000000.h5", "000001.h5"]
 
 
 def test_features_equal_the_model_on_the_converted_image(extracted):
@@ -318,10 +322,11 @@ def test_a_file_moved_to_another_label_counts_once_with_its_new_label(tmp_path, 
     moved = small_dataset / "B1" / "abnormal" / "moved.tif"
     (small_dataset / "B1" / "normal" / "img0.tif").rename(moved)
     assert extract(small_dataset, cache, SMALL).computed == 1
-    with pytest.warns(UserWarning, match="1 older row"):
-        fs = load_features(cache, "resnet18", "m2")
+    fs = load_features(cache, "resnet18", "m2")  # no warning: the older row left the index
     assert len(fs.y) == 8 and len(set(fs.sha256)) == 8
     assert fs.y[list(fs.paths).index(str(moved.resolve()))] == 1
+    with h5py.File(cache, "r") as f:  # plain readers see one row per image too
+        assert sorted(f["features/resnet18/m2/64x32/path"].asstr()[:]) == sorted(fs.paths)
 
 
 def test_a_deleted_cache_with_a_leftover_journal_starts_afresh(tmp_path, extracted):
@@ -400,3 +405,17 @@ def test_a_timm_backbone_runs_through_extract_info_and_evaluate(tmp_path, small_
     assert "timm/resnet10t" in capsys.readouterr().out
     fs = load_features(cache, backbone="timm/resnet10t", method="m2")
     assert fs.X.shape == (8, 512)
+
+
+def test_float16_storage_halves_the_features_and_reads_as_float32(tmp_path, extracted):
+    data, cache32, _ = extracted
+    cache16 = tmp_path / "c16.h5"
+    extract(data, cache16, replace(SMALL, storage="float16"))
+    full = load_features(cache32, "resnet18", "m2", flips="all")
+    half = load_features(cache16, "resnet18", "m2", flips="all")
+    assert half.X.dtype == np.float32 and half.settings.storage == "float16"
+    np.testing.assert_array_equal(half.X, full.X.astype(np.float16).astype(np.float32))  # the same features, rounded
+    with stored(cache16, "features/resnet18/m2/64x32/pool") as ds:
+        assert ds.dtype == np.float16
+    with pytest.raises(CacheError, match="storage 'float16' \\(this run: 'float32'\\)"):
+        extract(data, cache16, SMALL)  # one group, one type

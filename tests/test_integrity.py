@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from xfeat import load_features
 from xfeat.errors import XfeatWarning
-from xfeat.features.cache import CacheError, CacheWriter, Rows
+from xfeat.features.cache import CacheError, CacheWriter, Rows, copy_cache
 from xfeat_cli.main import main
 
 KEY = "features/resnet18/m2/64x32"
@@ -37,8 +36,7 @@ def clean(tmp_path_factory, one_torch_thread) -> tuple[Path, Path]:
 
 def _copy(clean_cache: Path, to: Path) -> Path:
     to.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(clean_cache, to)
-    return to
+    return copy_cache(clean_cache, to)
 
 
 def _by_path(cache: Path) -> dict[str, tuple]:
@@ -54,12 +52,22 @@ def _assert_same_cache(cache: Path, clean_cache: Path) -> None:
         assert got[path][1:] == (y, g, s)
 
 
-def _flip_64_bytes(cache: Path, dataset: str) -> None:
-    """Invert 64 bytes at the start of a dataset's first chunk, with plain file I/O."""
+def _source(cache: Path, dataset: str) -> tuple[Path, str]:
+    """The file and dataset holding a dataset's first rows: its first segment's, for a virtual dataset."""
     with h5py.File(cache, "r") as f:
+        if not f[dataset].is_virtual:
+            return cache, dataset
+        first = f[dataset].virtual_sources()[0]
+        return cache.parent / first.file_name, first.dset_name
+
+
+def _flip_64_bytes(cache: Path, dataset: str) -> None:
+    """Invert 64 bytes at the start of a dataset's first chunk (in the segment holding it), with plain file I/O."""
+    file, dataset = _source(cache, dataset)
+    with h5py.File(file, "r") as f:
         ds = f[dataset]
         offset = ds.id.get_chunk_info(0).byte_offset if ds.chunks else ds.id.get_offset()
-    with open(cache, "r+b") as fh:
+    with open(file, "r+b") as fh:
         fh.seek(offset)
         damaged = bytes(b ^ 0xFF for b in fh.read(64))
         fh.seek(offset)
@@ -73,9 +81,13 @@ def _error_lines(err: str) -> list[str]:
 def test_every_dataset_is_checksummed_and_plain_h5py_still_reads_it(clean):
     _, cache = clean
     with h5py.File(cache, "r") as f:
-        assert f.attrs["format_version"] == 1  # Fletcher32 is read by every HDF5 reader: no new format
         group = f[KEY]
-        assert {name: ds.fletcher32 for name, ds in group.items()} == dict.fromkeys(group, True)
+        per_image = [n for n in group if n != "index_runs"]
+        assert all(group[n].is_virtual for n in per_image)  # the index reads the segments...
+        for name in per_image:  # ...whose datasets carry Fletcher32, which every HDF5 reader checks
+            file, source = _source(cache, f"{KEY}/{name}")
+            with h5py.File(file, "r") as segment:
+                assert segment[source].fletcher32, name
         assert group["bundle"].dtype.itemsize >= 64  # fixed-width UTF-8: inside the checksummed chunks
         assert sorted(set(group["bundle"].asstr()[:])) == ["B01", "B02", "B03"]
         assert group["path"].asstr()[0].endswith(".tif") and group["pool"].shape == (24, 1, 512)
@@ -144,30 +156,6 @@ def test_a_bad_journal_batch_is_discarded_and_never_blocks_the_good_ones(tmp_pat
         paths = list(f[f"{KEY}/path"].asstr()[:])
     assert paths.count("/good/0.tif") == 1 and "/good/5.tif" in paths and not any(p.startswith("/bad") for p in paths)
 
-    # A batch that looks right but fails half-way through its merge: the commit starts again without it
-    import xfeat.features.cache as cache_module
-
-    merge = cache_module._merge_rows
-    calls = []
-
-    def fail_first(group, rows):
-        calls.append(1)
-        if len(calls) == 1:
-            merge(group, rows)  # half-way: the copy is already changed
-            raise TypeError("Can't broadcast (7,) -> (6,)")
-        merge(group, rows)
-
-    monkeypatch.setattr(cache_module, "_merge_rows", fail_first)
-    _write_batch(journal / "00000006.npz", KEY, ones[:2], ["/first/0.tif", "/first/1.tif"], sha="ef")
-    _write_batch(journal / "00000007.npz", KEY, ones[:2], ["/second/0.tif", "/second/1.tif"], sha="ff")
-    with pytest.warns(XfeatWarning, match="00000006.npz: unreadable or inconsistent batch discarded"):
-        with CacheWriter(cache):
-            pass
-    monkeypatch.undo()
-    with h5py.File(cache, "r") as f:
-        paths = list(f[f"{KEY}/path"].asstr()[:])
-    assert "/second/0.tif" in paths and "/first/0.tif" not in paths and len(paths) == 24 + 6 + 2
-
     # Through the command line: the notice, then a run that completes
     _write_batch(journal / "00000008.npz", KEY, ones, [f"/bad/{i}.tif" for i in range(6)])
     assert main(["extract", str(data), "--cache", str(cache), *ARGS]) == 0
@@ -199,6 +187,10 @@ def test_a_symlinked_cache_path_locks_and_commits_the_real_file(tmp_path, clean,
         pass
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_full_disk_during_a_commit_is_one_line_and_loses_nothing(tmp_path, clean, capsys, monkeypatch):
     data, _ = clean
     half = data / "half.csv"  # the first 12 images, beside the dataset's own manifest
@@ -206,22 +198,24 @@ def test_a_full_disk_during_a_commit_is_one_line_and_loses_nothing(tmp_path, cle
     cache = tmp_path / "c.h5"
     assert main(["extract", str(half), "--cache", str(cache), *ARGS, "--quiet"]) == 0
     before = cache.read_bytes()
+    segments_before = _files(Path(f"{cache}.segments"))
     first_half = _by_path(cache)
+    import xfeat.features.cache as cache_module
 
-    def disk_full(src, dst, *args, **kwargs):
-        with open(dst, "wb") as fh:
-            fh.write(b"\0" * 4096)  # part of the copy made it before the disk filled up
+    def disk_full(self, path, index):
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 4096)  # part of the segment made it before the disk filled up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    monkeypatch.setattr(cache_module._Segment, "write", disk_full)
     assert main(["extract", str(data), "--cache", str(cache), *ARGS, "--quiet"]) == 1
     err = capsys.readouterr().err
     assert _error_lines(err) == [
         f"xfeat: error: {cache}: commit failed: no space left on the device of {tmp_path}; the last committed "
         f"cache is intact; the computed batches stay in {cache}.journal and the next run merges them"]
     assert "Traceback" not in err
-    assert cache.read_bytes() == before
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert cache.read_bytes() == before and _files(Path(f"{cache}.segments")) == segments_before
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     monkeypatch.undo()
 
     assert main(["extract", str(data), "--cache", str(cache), *ARGS]) == 0
@@ -238,29 +232,30 @@ def test_a_failed_write_inside_hdf5_is_one_line_too(tmp_path, clean, monkeypatch
     before = cache.read_bytes()
     import xfeat.features.cache as cache_module
 
-    def no_space(group, rows):
+    def no_space(*args, **kwargs):
         raise OSError("Can't synchronously write data (file write failed: errno = 28, error message = 'No space "
                       "left on device')")
 
-    monkeypatch.setattr(cache_module, "_merge_rows", no_space)
+    monkeypatch.setattr(cache_module, "_row_dataset", no_space)
     with pytest.raises(CacheError, match=r"commit failed: no space left on the device .*; the last committed cache "
                                          r"is intact; the computed batches stay in"):
         with CacheWriter(cache) as writer:
             writer.add({KEY: Rows(np.ones((1, 1, 512), np.float32), ["/new/x.tif"], ["x.tif"], ["B09"], [0],
                                   ["0" * 64], [64], [32])})
-    assert cache.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert cache.read_bytes() == before and not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_a_commit_that_cannot_create_its_temporary_names_the_folder(tmp_path, clean, monkeypatch):
     _, clean_cache = clean
     cache = _copy(clean_cache, tmp_path / "c.h5")
+    import xfeat.features.cache as cache_module
 
-    def denied(src, dst, *args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+    def denied(self, path, index):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     with pytest.raises(CacheError, match=rf"commit failed: cannot write in folder {tmp_path} \(Permission denied\)"):
         with CacheWriter(cache) as writer:
-            monkeypatch.setattr(shutil, "copyfile", denied)
+            monkeypatch.setattr(cache_module._Segment, "write", denied)
             writer.add({KEY: Rows(np.ones((1, 1, 512), np.float32), ["/new/x.tif"], ["x.tif"], ["B09"], [0],
                                   ["0" * 64], [64], [32])})
 
@@ -279,7 +274,7 @@ def test_a_read_only_cache_folder_is_one_line(tmp_path, clean, capsys):
         with pytest.raises(CacheError, match=rf"cannot write in folder {folder} \(Permission denied\)"):
             with CacheWriter(cache):  # the library alone (no command-line guard in front of it)
                 pass
-        assert sorted(p.name for p in folder.iterdir()) == ["c.h5"]
+        assert sorted(p.name for p in folder.iterdir()) == ["c.h5", "c.h5.segments"]
     finally:
         folder.chmod(0o755)
 
@@ -300,10 +295,14 @@ def test_a_cache_written_before_checksums_gains_them_at_its_next_commit(tmp_path
     with h5py.File(cache, "r") as f:
         assert not f[KEY]["pool"].fletcher32 and f[KEY]["path"].dtype.kind == "O"
     before = load_features(cache, "resnet18", "m2", flips="all")
-    with CacheWriter(cache) as writer:  # a relabelling: the commit rewrites the file anyway
-        writer.add({KEY: Rows(None, [before.paths[0]], ["moved.tif"], ["B09"], [0])})
+    with pytest.warns(XfeatWarning, match="converted to the segment layout"), CacheWriter(cache) as writer:
+        writer.add({KEY: Rows(None, [before.paths[0]], ["moved.tif"], ["B09"], [0])})  # a relabelling
     with h5py.File(cache, "r") as f:
-        assert all(ds.fletcher32 for ds in f[KEY].values()) and f[KEY]["path"].dtype.kind == "S"
+        assert f[KEY]["path"].dtype.kind == "S"
+        for name in ("pool", "path", "label", "fc_weight"):  # the file became a segment, copied with checksums
+            file, source = _source(cache, f"{KEY}/{name}")
+            with h5py.File(file, "r") as segment:
+                assert segment[source].fletcher32, name
     after = load_features(cache, "resnet18", "m2", flips="all")  # rows in bundle, then path order: match by path
     np.testing.assert_array_equal(after.X[np.argsort(after.paths)], before.X[np.argsort(before.paths)])
     moved = list(after.paths).index(before.paths[0])

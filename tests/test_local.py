@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import stored, write_dataset
 from xfeat.errors import XfeatError
 from xfeat.features.cache import CacheError
 from xfeat.features.extract import ExtractConfig, extract
@@ -92,18 +92,19 @@ def tapped(data, tmp_path_factory, one_torch_thread):
 
 def test_taps_are_groups_beside_the_pooled_one(tapped, data, tmp_path):
     with h5py.File(tapped) as f:
-        assert f.attrs["format_version"] == 2
+        assert f.attrs["format_version"] == 3
         local, patches = f["features/resnet18/m2/64x64.local"], f["features/resnet18/m2/64x64.patches"]
         assert local["local"].shape == (8, 2, 3 * (128 + 256))
         assert patches["patches"].shape == (8, 8, 8, 128) and patches["patches"].dtype == np.float16
-        assert patches["patches"].chunks == (1, 8, 8, 128)  # one image's map is one read
         assert "pool" not in local and "pool" not in patches
+    with stored(tapped, "features/resnet18/m2/64x64.patches/patches") as ds:
+        assert ds.chunks == (1, 8, 8, 128)  # one image's map is one read
     assert {g.tap for g in list_groups(tapped)} == {"pool", "local", "patches"}
     # the pooled rows are the same bits as a pooled-only run's: one forward pass gives every tap
     plain = tmp_path / "plain.h5"
     extract(data, plain, _config())
     with h5py.File(plain) as f:
-        assert f.attrs["format_version"] == 1  # nothing an older xfeat could misread
+        assert f.attrs["format_version"] == 3  # every cache written now is an index over segments
     a = load_features(plain, "resnet18", "m2", flips="all")
     b = load_features(tapped, "resnet18", "m2", flips="all")
     assert np.array_equal(a.X, b.X) and np.array_equal(a.paths, b.paths)

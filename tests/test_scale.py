@@ -50,7 +50,8 @@ def cache_contents(path: Path) -> dict:
     """Every dataset (dtype and bytes) and every attribute of a cache, less the times of writing."""
     out = {}
     with h5py.File(path, "r") as f:
-        out["/"] = {k: str(v) for k, v in f.attrs.items() if k not in ("created", "updated")}
+        # "segments" names the cache's own segment folder (after its file name)
+        out["/"] = {k: str(v) for k, v in f.attrs.items() if k not in ("created", "updated", "segments")}
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):

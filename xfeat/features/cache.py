@@ -34,8 +34,9 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,13 +45,18 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from xfeat import __version__
-from xfeat.errors import XfeatError, XfeatWarning
+from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.io.atomic import atomic_write, replacing
 from xfeat.convert.folds import FoldWindows, fold_windows, window_like
 from xfeat.convert.stats import N_LEVELS, WindowStats
+from xfeat.features.segments import (RUNS, DatasetShape, GroupIndex, Index, ids_of, missing_segments, read_index,
+                                     recorded_folder, row_ids, segment_file, segment_folder, segment_numbers,
+                                     split_ids, write_index)
 
 FORMAT = "xfeat.features"
-FORMAT_VERSION = 2  # 2: local and patches taps, tiles (docs/cache-format.md)
+FORMAT_VERSION = 3  # 2: local and patches taps, tiles; 3: the segment layout (docs/cache-format.md)
+LAYOUT = "segments"  # the root attribute "layout" of a format-3 index
+SEGMENT_FORMAT = "xfeat.segment"
 FLIPS = ("none", "h", "v", "hv")
 STR = h5py.string_dtype("utf-8")
 SHA = "S64"
@@ -61,7 +67,8 @@ TEXT_FIELDS = ("path", "relpath", "bundle")
 POOL_CHUNK_ROWS = 16
 META_CHUNK_ROWS = 256
 MIN_TEXT_WIDTH = 64  # bytes; a wider value widens the dataset (to a power of two, always leaving one pad byte)
-SLAB_BYTES = 64 << 20  # checked reads go slab by slab: a large pool is verified without being held in memory
+SLAB_BYTES = 64 << 20
+CHUNK_CACHE_BYTES = 1 << 20  # per file HDF5 opens for a read, segments included  # checked reads go slab by slab: a large pool is verified without being held in memory
 REPAIR_HINT = "run xfeat extract again to recompute, or xfeat info --verify"
 _READ_ERRORS = (OSError, RuntimeError, ValueError)  # what h5py raises for a chunk or heap it cannot read
 
@@ -94,6 +101,7 @@ class GroupSettings:
     tiles: str = ""  # "RxC" when the backbone ran on tiles of input_height x input_width ("" : the whole image)
     tile_overlap: float = 0.0
     tile_combine: str = ""  # how the pooled tap joins the tiles' vectors: mean | max | both
+    storage: str = "float32"  # the stored vectors' type (float16: xfeat extract --dtype float16; patch maps always)
 
     @property
     def size_token(self) -> str:
@@ -125,7 +133,7 @@ class GroupSettings:
 
     @property
     def data_dtype(self) -> str:
-        return "f2" if self.tap == "patches" else "f4"
+        return "f2" if self.tap == "patches" or self.storage == "float16" else "f4"
 
     def attrs(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -186,15 +194,48 @@ def open_cache(path: str | os.PathLike[str]) -> h5py.File:
     if not path.exists():
         raise CacheError(f"{path}: no such cache file")
     try:
-        f = h5py.File(path, "r")
+        # A small chunk cache: HDF5 gives every file a virtual dataset opens (each segment) its own, 8 MiB by
+        # default, which a read across a thousand segments would multiply into gigabytes.
+        f = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as e:
         raise CacheError(f"{path}: not a readable HDF5 file ({e})") from None
     try:
         _check_format(f, path)
+        if is_segmented(f):
+            segments = len(_read_index_runs(f))
+            if not _allow_open_files(segments + 64):
+                raise CacheError(f"{path}: its {segments} segments are more files than this process may open; "
+                                 "raise the limit (ulimit -n) or run xfeat compact on it")
     except CacheError:
         f.close()
         raise
     return f
+
+
+def _read_index_runs(f: h5py.File) -> set[int]:
+    """The segments an index's groups read (from their runs alone: cheap)."""
+    used: set[int] = set()
+    for group in _settings_groups(f):
+        if RUNS in group:
+            used.update(np.unique(group[RUNS][:, 0]).tolist())
+    return used
+
+
+def _allow_open_files(n: int) -> bool:
+    """HDF5 keeps every segment a read touches open; past the process's limit of open files it would return
+    fill values instead of failing. Raise the soft limit towards the hard one when a cache needs it; False
+    when even the hard limit is too low."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return True
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= n:
+        return True
+    if hard != resource.RLIM_INFINITY and hard < n:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+    return True
 
 
 def stored_window_stats(f: h5py.File) -> WindowStats | None:
@@ -313,7 +354,13 @@ def _slice(ds: h5py.Dataset, a: int, b: int, column: int | None) -> np.ndarray:
     return ds[a:b] if column is None else ds[a:b, column]
 
 
-def _read_checked(ds: h5py.Dataset, column: int | None = None, keep: bool = True,
+def _virtual_step(ds: h5py.Dataset) -> int:
+    """Rows per read of a virtual dataset when a slab fails: its segments' chunk rows."""
+    name = ds.name.rsplit("/", 1)[-1]
+    return (1 if name == "patches" else POOL_CHUNK_ROWS) if name in FEATURE_DATASETS else META_CHUNK_ROWS
+
+
+def read_checked(ds: h5py.Dataset, column: int | None = None, keep: bool = True,
                   check: Callable[[np.ndarray], np.ndarray] | None = None, span: tuple[int, int] | None = None
                   ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Read a per-row dataset (``column``: one index of axis 1; ``span``: rows a..b, chunk-aligned) slab by
@@ -323,7 +370,7 @@ def _read_checked(ds: h5py.Dataset, column: int | None = None, keep: bool = True
     (Fletcher32 mismatch, or damage it notices) are flagged and read as zeros; ``check(block)`` flags rows
     whose values are impossible. A slab that fails is read again chunk by chunk to name the damaged rows."""
     first, end = span or (0, ds.shape[0])
-    step = ds.chunks[0] if ds.chunks else max(end, 1)
+    step = ds.chunks[0] if ds.chunks else _virtual_step(ds) if ds.is_virtual else max(end, 1)
     row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
     slab = max(step, SLAB_BYTES // row_bytes // step * step)
     unreadable, implausible = np.zeros(end - first, bool), np.zeros(end - first, bool)
@@ -347,7 +394,8 @@ def _read_checked(ds: h5py.Dataset, column: int | None = None, keep: bool = True
             implausible[a - first:b - first] = check(block) & ~unreadable[a - first:b - first]
         if keep:
             parts.append(block)
-    data = (np.concatenate(parts) if parts else _slice(ds, 0, 0, column)) if keep else None
+    data = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _slice(ds, 0, 0, column)) \
+        if keep else None
     return data, unreadable, implausible
 
 
@@ -441,14 +489,15 @@ def scan_group(group: h5py.Group, names: Sequence[str] = ROW_DATASETS, *, fc: bo
             continue
         ds = group[real(name)]
         if name == "pool":
-            data, unreadable, implausible = _read_checked(ds, flip, keep=keep_pool,
-                                                          check=None if ds.fletcher32 else nonfinite_rows)
+            data, unreadable, implausible = read_checked(ds, flip, keep=keep_pool,
+                                                          check=None if ds.fletcher32 or ds.is_virtual else nonfinite_rows)
         else:
-            raw, unreadable, _ = _read_checked(ds)
+            raw, unreadable, _ = read_checked(ds)
             data, implausible = _CHECKS[name](raw)
         implausible &= ~unreadable
         if unreadable.any():
-            problem = "checksum mismatch (damaged file)" if ds.fletcher32 else "unreadable (damaged file)"
+            problem = ("checksum mismatch (damaged file)" if ds.fletcher32 or ds.is_virtual
+                       else "unreadable (damaged file)")
             damages.append(Damage(f"{key}/{real(name)}", problem, np.flatnonzero(unreadable)))
         if implausible.any():
             problem = "non-finite values (damaged file)" if name == "pool" else "impossible values (damaged file)"
@@ -463,6 +512,8 @@ def scan_group(group: h5py.Group, names: Sequence[str] = ROW_DATASETS, *, fc: bo
         for name in ("fc_weight", "fc_bias"):
             try:
                 columns[name] = group[name][...]
+                if not np.isfinite(columns[name]).all():  # a segment's fill: its segment is missing
+                    damages.append(Damage(f"{key}/{name}", "non-finite values (damaged file or missing segment)"))
             except KeyError:
                 damages.append(Damage(f"{key}/{name}", "missing (damaged file)"))
             except _READ_ERRORS:
@@ -478,7 +529,8 @@ def bad_journal_batches(path: str | os.PathLike[str]) -> list[Path]:
     if not batches:
         return []
     with open_cache(real) as f:
-        return [b for b in batches if _load_batch(f, b) is None]
+        shapes = _feature_shapes(f)
+    return [b for b in batches if _load_batch(b, shapes) is None]
 
 
 def lacks_checksums(group: h5py.Group) -> bool:
@@ -486,25 +538,34 @@ def lacks_checksums(group: h5py.Group) -> bool:
     for name in (*FEATURE_DATASETS, *ROW_FIELDS, "fc_weight", "fc_bias"):
         if name in group:
             ds = group[name]
+            if ds.is_virtual:  # an index: xfeat writes its segments with checksums (and seals a cache it converts)
+                continue
             if ds.dtype.kind == "O" or not ds.fletcher32:
                 return True
     return False
 
 
 class CacheWriter:
-    """The single writer of a cache during one run: lock, journal, atomic commits.
+    """The single writer of a cache during one run: lock, journal, commits that append a segment.
 
     Use as a context manager; on entry it takes the lock and merges what an interrupted run left in the
-    journal; on exit (also after Ctrl-C) it commits what was computed.
+    journal; on exit (also after Ctrl-C) it commits what was computed. A cache in the single-file layout of
+    formats 1 and 2 is converted to the segment layout at its first write (its file becomes the first
+    segment, without a copy).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = cache_path(path)
         self.journal = Path(f"{self.path}.journal")
+        self.segments = segment_folder(self.path)
         self._lock = FileLock(f"{self.path}.lock", timeout=0)
         self._next_batch = 0
-        # group key -> rows found damaged: the next commit rewrites the group without them (and with checksums)
+        # group key -> rows found damaged, which the next commit leaves out: in a single-file cache a mask over its
+        # rows (the conversion to segments copies the others), in an index the rows' ids
         self._damaged: dict[str, np.ndarray] = {}
+        self._damaged_ids: dict[str, np.ndarray] = {}
+        self._index: Index | None = None  # loaded at the first write
+        self._keys: dict[str, _GroupKeys] = {}  # per group: the current rows' ids by path and by content
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
@@ -530,6 +591,7 @@ class CacheWriter:
                     orphan.unlink()
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 stale.unlink()
+            self._remove_stale_segments()
             self._next_batch = max((int(p.stem) for p in self._journal_files()), default=-1) + 1
             self.commit()
         except OSError as e:
@@ -546,6 +608,24 @@ class CacheWriter:
         finally:
             self._lock.release()
 
+    def _remove_stale_segments(self) -> None:
+        """Segments no index reads: written by a commit killed before its index was in place (the journal still
+        holds their rows), left entirely superseded, or orphaned by a deleted or compacted cache."""
+        if not self.segments.exists():
+            return
+        used: set[int] = set()
+        if self.path.exists():
+            with open_cache(self.path) as f:
+                if is_segmented(f):
+                    used = _read_index(f).segments()
+        for stale in self.segments.glob(".*.tmp"):
+            stale.unlink()
+        for number in segment_numbers(self.path):
+            if number not in used:
+                segment_file(self.path, number).unlink()
+        if not used and not any(self.segments.iterdir()):
+            self.segments.rmdir()
+
     # -- reading what is there ------------------------------------------------------------------
     def window_stats(self) -> WindowStats | None:
         if not self.path.exists():
@@ -557,7 +637,8 @@ class CacheWriter:
         """path -> (sha256, relpath, bundle, label) of the rows a group holds (empty for a new group).
 
         Every row is checked (features included): a damaged row is not cached. Its images are left for the
-        run to recompute, the next commit drops the damaged rows, and a warning names each damaged dataset.
+        run to recompute, the next commit drops the damaged rows, and a warning names each damaged dataset
+        (and each missing or unreadable segment).
         """
         if not self.path.exists():
             return {}
@@ -565,14 +646,22 @@ class CacheWriter:
             if key not in f:
                 return {}
             try:
+                lost = missing_segments_of(f[key])
+                runs = f[key][RUNS][...] if RUNS in f[key] else None
                 c, bad, damages = scan_group(f[key])
                 unsealed = lacks_checksums(f[key])
             except _READ_ERRORS as e:
                 raise CacheError(f"{self.path}: {key}: unreadable HDF5 structure ({_first_line(e)}) (damaged file); "
                                  "restore a copy, or move it away and extract again") from None
+        for segment, rows in lost:
+            warnings.warn(f"{self.path}: {key}: segment {segment} is missing or unreadable; its {rows} row(s) are "
+                          "dropped and their images recomputed", XfeatWarning, stacklevel=2)
         if damages or unsealed:
-            self._damaged[key] = bad
-            self._warn_damage(damages)
+            if runs is None:
+                self._damaged[key] = bad
+            else:
+                self._damaged_ids[key] = ids_of(runs)[:len(bad)][bad]
+            self._warn_damage([d for d in damages if not lost])
         return {p: (s, r, b, int(lab)) for p, s, r, b, lab, broken in zip(
             c["path"], c["sha256"], c["relpath"], c["bundle"], c["label"], bad) if not broken}
 
@@ -624,19 +713,22 @@ class CacheWriter:
             return
         for g in refresh:
             self._warn_damage(fc_damage[g.key])
-
-        def create(f: h5py.File) -> None:
+        with self._writing():
+            index = self._writable_index()
+            segment = _Segment()
             if stats is not None and stored_stats is None:
-                f.attrs["window_stats"] = json.dumps(stats.to_dict())
-                f.attrs["g_min"], f.attrs["g_max"] = stats.g_min, stats.g_max
+                index.attrs["window_stats"] = json.dumps(stats.to_dict())
+                index.attrs["g_min"], index.attrs["g_max"] = stats.g_min, stats.g_max
                 if bundle_histograms:
-                    _store_window_histograms(f, bundle_histograms, bundle_images or {})
+                    segment.histograms = (bundle_histograms, bundle_images or {})
             for g in new:
-                _create_group(f, g, *fc[g.backbone])
-            for g in refresh:
-                _write_fc(f[g.key], *fc[g.backbone])
-
-        self._rewrite(create)
+                attrs = {**g.attrs(), "created": _now(), "random_weights": g.weights_kind == "none",
+                         "flip_order": "none: as stored; h: left-right; v: up-down; hv: both"}
+                index.groups[g.key] = GroupIndex(attrs, np.zeros(0, np.int64), _row_shapes(g), {})
+                self._keys[g.key] = _GroupKeys()
+            for g in (*new, *refresh):
+                segment.fc[g.key] = fc[g.backbone]
+            self._append(index, segment, {})
 
     def add(self, rows_by_key: dict[str, Rows]) -> None:
         """Append one batch's rows to the journal (durable once this returns).
@@ -655,38 +747,215 @@ class CacheWriter:
         self._next_batch += 1
 
     def commit(self) -> None:
-        """Merge the journal into a copy of the cache and put the copy in its place atomically.
+        """Write the journal's rows into a new segment and put an index including them in place.
 
-        A batch that cannot be read or does not fit its group is discarded with a warning (its images are
-        recomputed by the next run) and never blocks the others; rows found damaged are dropped.
+        What a commit costs is the rows it adds (and the index: a few bytes per run of rows), whatever the size
+        of the cache. A batch that cannot be read or does not fit its group is discarded with a warning (its
+        images are recomputed by the next run) and never blocks the others; rows found damaged leave the index.
         """
         batches = self._journal_files()
-        if not batches and not self._damaged:
+        if not batches and not self._damaged and not self._damaged_ids:
             return
-        discarded: list[Path] = []
-        while True:
-            good = [b for b in batches if b not in discarded]
-            try:
-                self._rewrite(lambda f: _merge_journal(f, good, discarded))
-                break
-            except _BadBatch as e:  # it failed half-way into the copy: start again from the committed cache
-                discarded.append(e.batch)
-                _warn_discarded(e.batch)
-            except _DamagedGroup as e:  # a merge touched a damaged chunk: find the damage, drop it, start again
-                self._locate_damage(e)
-        for batch in batches:  # only after the new cache is in place: a kill here just merges them again
+        with self._writing():
+            index = self._writable_index()
+            shapes = {key: (g.datasets[_data_name(g)].trailing, g.datasets[_data_name(g)].dtype)
+                      for key, g in index.groups.items()}
+            for key, ids in self._damaged_ids.items():  # damaged rows are recomputed, never updated in place
+                if key in index.groups:
+                    self._group_keys(key).drop(ids.tolist())
+            pending: dict[str, dict[str, dict]] = {}
+            for batch in batches:
+                rows_by_key = _load_batch(batch, shapes)
+                if rows_by_key is None:
+                    _warn_discarded(batch)
+                    continue
+                for key, rows in rows_by_key.items():
+                    _stage_rows(pending.setdefault(key, {}), rows, self._group_keys(key))
+            segment = _Segment()
+            superseded: dict[str, np.ndarray] = {}
+            for key, staged in pending.items():
+                rows, gone = self._segment_rows(index.groups[key], key, staged)
+                if rows is not None:
+                    segment.rows[key] = rows
+                superseded[key] = gone
+            for key, ids in self._damaged_ids.items():
+                if key in index.groups:
+                    superseded[key] = np.union1d(superseded.get(key, np.zeros(0, np.int64)), ids)
+            self._append(index, segment, superseded)
+        for batch in batches:  # only after the new index is in place: a kill here just merges them again
             batch.unlink(missing_ok=True)
 
-    def _locate_damage(self, e: "_DamagedGroup") -> None:
-        cause = e.__cause__ if isinstance(e.__cause__, OSError) else OSError(str(e.__cause__))
-        if e.key in self._damaged:
-            raise CacheError(self._write_failure(cause)) from None
+    # -- the segment layout ------------------------------------------------------------------------
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that fails (a full disk, a read-only folder) is one line; the last commit stays in place."""
+        try:
+            yield
+        except (OSError, DataError) as e:
+            cause = e.__cause__ if isinstance(e, DataError) and isinstance(e.__cause__, OSError) else e
+            self._index = None  # reloaded from what is on disk
+            self._keys.clear()
+            raise CacheError(self._write_failure(cause if isinstance(cause, OSError) else OSError(str(e)))) from None
+
+    def _writable_index(self) -> Index:
+        """The index to change: loaded once per run; a single-file cache (formats 1, 2) becomes the first
+        segment of a new index (renamed by a hard link, not copied; a group to seal or repair is copied)."""
+        if self._index is not None:
+            return self._index
+        if not self.path.exists():
+            self._index = Index({"format": FORMAT, "format_version": FORMAT_VERSION, "layout": LAYOUT,
+                                 "created": _now()}, {})
+            return self._index
         with open_cache(self.path) as f:
-            _, bad, damages = scan_group(f[e.key])
-        if not damages:  # not damage: a write that failed (a full disk)
-            raise CacheError(self._write_failure(cause)) from None
-        self._damaged[e.key] = bad
-        self._warn_damage(damages)
+            if is_segmented(f):
+                index, recorded = _read_index(f), recorded_folder(f)
+            else:
+                index = None
+        if index is None:
+            self._index = self._migrate()
+            return self._index
+        if recorded != self.segments and (recorded.exists() or not self.segments.exists()):
+            raise CacheError(f"{self.path}: its index reads the segments in {recorded}, not {self.segments} (it was "
+                             "copied or renamed without them); rename the folder with the file, or run xfeat compact "
+                             "on the original to make one self-contained file to copy")
+        lost = {int(p.stem) for p in missing_segments(self.segments, index.segments())}
+        for key, g in index.groups.items():
+            segments = split_ids(g.ids)[0]
+            for s in sorted(lost & set(np.unique(segments).tolist())):
+                warnings.warn(f"{self.path}: segment {segment_file(self.path, s)} is missing or not an HDF5 file: "
+                              f"its {int((segments == s).sum())} row(s) of {key} leave the cache and their images "
+                              "are recomputed", XfeatWarning, stacklevel=4)
+            if lost:
+                g.ids = g.ids[~np.isin(segments, list(lost))]
+        self._index = index
+        return index
+
+    def _migrate(self) -> Index:
+        number = max(segment_numbers(self.path), default=-1) + 1
+        target = segment_file(self.path, number)
+        self.segments.mkdir(exist_ok=True)
+        rebuild = self._rebuild_plan()
+        if rebuild:
+            with replacing(target) as tmp:
+                _copy_rebuilding(self.path, tmp, rebuild)
+            self._damaged.clear()  # the damaged rows were left out of the copy
+        else:
+            try:
+                os.link(self.path, target)
+            except OSError:  # a filesystem without hard links
+                with replacing(target) as tmp:
+                    shutil.copyfile(self.path, tmp)
+        with h5py.File(target, "r") as f:
+            groups = {}
+            for group in _settings_groups(f):
+                key = group.name.lstrip("/")
+                settings = GroupSettings.from_attrs(group.attrs)
+                shapes = {n: DatasetShape(tuple(group[n].shape[1:]), group[n].dtype, {})
+                          for n in (settings.data_name, *ROW_FIELDS) if n in group}
+                n = group["path"].shape[0]
+                fixed = {n_: (number, DatasetShape(tuple(group[n_].shape), group[n_].dtype, {}))
+                         for n_ in ("fc_weight", "fc_bias") if n_ in group}
+                groups[key] = GroupIndex(dict(group.attrs), row_ids(number, np.arange(n)), shapes, fixed)
+            fixed_root = {}
+            if WINDOW_HISTOGRAMS in f:
+                ds = f[WINDOW_HISTOGRAMS]
+                fixed_root[WINDOW_HISTOGRAMS] = (number, DatasetShape(tuple(ds.shape), ds.dtype, dict(ds.attrs)))
+            attrs = {**dict(f.attrs), "format_version": FORMAT_VERSION, "layout": LAYOUT}
+        warnings.warn(f"{self.path}: converted to the segment layout (cache format {FORMAT_VERSION}): commits now add "
+                      f"segments in {self.segments.name}/ instead of rewriting the file; xfeat compact folds them "
+                      "into one file again", XfeatWarning, stacklevel=4)
+        return Index(attrs, groups, fixed_root)
+
+    def _group_keys(self, key: str) -> "_GroupKeys":
+        """The current rows' ids by path and by content (read from the segments once per run, then kept)."""
+        if key not in self._keys:
+            keys = self._keys[key] = _GroupKeys()
+            g = self._index.groups.get(key) if self._index else None
+            if g is not None and len(g.ids):
+                held = self._read_rows(key, g.ids, ("path", "sha256"))
+                keys.add(held["path"].tolist(), held["sha256"].tolist(), g.ids.tolist())
+        return self._keys[key]
+
+    def _segment_rows(self, group: GroupIndex, key: str, staged: dict[str, dict]
+                      ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+        """The rows ``staged`` for a group as columns of the new segment, and the ids of the rows they supersede
+        (the same file, or the same content under another path: one current row per image)."""
+        keys = self._group_keys(key)
+        updates = [p for p, r in staged.items() if r.get("features") is None]
+        if updates:  # metadata changes: the row is written again whole, its features read from its segment
+            held = self._read_rows(key, np.array([keys.by_path[p] for p in updates], np.int64),
+                                   ("features", "sha256", "height", "width"))
+            for i, p in enumerate(updates):
+                staged[p] = {**staged[p], **{n: held[n][i] for n in ("features", "sha256", "height", "width")}}
+        if not staged:
+            return None, np.zeros(0, np.int64)
+        last = {str(r["sha256"]): p for p, r in staged.items()}  # one row per content: a copy's later row wins
+        paths = [p for p, r in staged.items() if last[str(r["sha256"])] == p]
+        columns = {"features": np.stack([staged[p]["features"] for p in paths])}
+        for name in ROW_FIELDS:
+            columns[name] = np.array([staged[p][name] for p in paths])
+        gone = {keys.by_path[p] for p in paths if p in keys.by_path}
+        gone |= {keys.by_content[s] for s in columns["sha256"].tolist() if s in keys.by_content}
+        return columns, np.array(sorted(gone), np.int64)
+
+    def _read_rows(self, key: str, ids: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Columns of a group's rows by id, read from their segments (``features``: the feature dataset; text
+        decoded)."""
+        order = np.argsort(ids, kind="stable")
+        segments, rows = split_ids(ids[order])
+        out: dict[str, list] = {n: [] for n in names}
+        real = {n: (_data_name(self._index.groups[key]) if n == "features" else n) for n in names}
+        for s in np.unique(segments).tolist():
+            wanted = rows[segments == s]
+            with h5py.File(segment_file(self.path, s), "r") as f:
+                for n in names:
+                    ds = f[key][real[n]]
+                    if n == "features":  # rows known to be sound (damaged ones left the keys): read just those
+                        out[n].append(ds[wanted])
+                    else:  # checked, so that a damaged chunk reads as empty values instead of failing
+                        span = (int(wanted[0]), int(wanted[-1]) + 1)
+                        out[n].append(_decoded(read_checked(ds, span=span)[0][wanted - span[0]]))
+        inverse = np.argsort(order, kind="stable")
+        return {n: np.concatenate(v)[inverse] for n, v in out.items()}
+
+    def _append(self, index: Index, segment: "_Segment", superseded: dict[str, np.ndarray]) -> None:
+        """Write ``segment`` (if it holds anything) and then the index with its rows and without ``superseded``."""
+        for key in {*superseded, *segment.rows}:
+            self._group_keys(key)  # read while the index still matches the segments
+        number = max([*segment_numbers(self.path), *index.segments()], default=-1) + 1
+        if segment:
+            self.segments.mkdir(exist_ok=True)
+            with replacing(segment_file(self.path, number)) as tmp:
+                segment.write(tmp, index)
+        for key, gone in superseded.items():
+            if len(gone):
+                g = index.groups[key]
+                keep = ~np.isin(g.ids, gone)
+                g.ids = g.ids[keep]
+                self._group_keys(key).drop(gone.tolist())
+        for key, columns in segment.rows.items():
+            g = index.groups[key]
+            new = row_ids(number, np.arange(len(columns["path"])))
+            g.ids = np.concatenate([g.ids, new])
+            self._group_keys(key).add(columns["path"].tolist(), columns["sha256"].tolist(), new.tolist())
+            for name, width in segment.text_widths.get(key, {}).items():
+                if width > g.datasets[name].dtype.itemsize:
+                    g.datasets[name].dtype = np.dtype(_row_dtype(name, width))
+        for key in segment.fc:
+            g = index.groups[key]
+            for name, value in zip(("fc_weight", "fc_bias"), segment.fc[key]):
+                g.fixed[name] = (number, DatasetShape(tuple(np.shape(value)), np.dtype(np.float32), {}))
+        if segment.histograms:
+            ds_attrs = segment.histogram_attrs
+            index.fixed[WINDOW_HISTOGRAMS] = (number, DatasetShape(segment.histogram_shape, np.dtype(np.int64),
+                                                                   ds_attrs))
+        index.attrs.update({"format_version": FORMAT_VERSION, "layout": LAYOUT, "xfeat_version": __version__,
+                            "updated": _now()})
+        with replacing(self.path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                write_index(f, index, self.path.name)
+        self._damaged.clear()
+        self._damaged_ids.clear()
 
     def _journal_files(self) -> list[Path]:
         if not self.journal.exists():
@@ -708,39 +977,21 @@ class CacheWriter:
         return f"{self.path}: commit failed: {reason}; the last committed cache is intact{kept}"
 
     def _rebuild_plan(self) -> dict[str, np.ndarray]:
-        """Groups the next commit rewrites, with the rows it keeps: groups with damaged rows (dropped), and
-        groups written before checksums (checked for impossible values first, then sealed with checksums)."""
+        """Groups of a single-file cache to copy rather than link when it becomes a segment, with the rows kept:
+        groups with damaged rows (dropped), and groups written before checksums (checked for impossible values
+        first, then sealed with checksums)."""
         if not self.path.exists():
             return {}
         plan = {}
         with open_cache(self.path) as f:
             for group in _settings_groups(f):
                 key = group.name.lstrip("/")
-                if key not in self._damaged and lacks_checksums(group):  # checked once, even if the commit retries
+                if key not in self._damaged and lacks_checksums(group):
                     _, self._damaged[key], damages = scan_group(group)
                     self._warn_damage(damages)
                 if key in self._damaged:
                     plan[key] = ~self._damaged[key]
         return plan
-
-    def _rewrite(self, change: Callable[[h5py.File], object]) -> None:
-        with replacing(self.path) as tmp:
-            try:
-                rebuild = self._rebuild_plan()
-                if rebuild:
-                    _copy_rebuilding(self.path, tmp, rebuild)
-                elif self.path.exists():
-                    shutil.copyfile(self.path, tmp)  # inside replacing: a failed copy leaves no temporary
-                with h5py.File(tmp, "a") as f:
-                    if not f.attrs.get("format"):
-                        f.attrs["format"], f.attrs["format_version"] = FORMAT, 1  # raised by _format_version
-                        f.attrs["created"] = _now()
-                    change(f)
-                    f.attrs["format_version"] = _format_version(f)
-                    f.attrs["xfeat_version"], f.attrs["updated"] = __version__, _now()
-            except OSError as e:
-                raise CacheError(self._write_failure(e)) from None
-        self._damaged.clear()
 
 
 def _format_version(f: h5py.File) -> int:
@@ -750,18 +1001,6 @@ def _format_version(f: h5py.File) -> int:
     return max(int(f.attrs.get("format_version", 1)), 2 if newer else 1)
 
 
-def _create_group(f: h5py.File, g: GroupSettings, fc_weight: np.ndarray, fc_bias: np.ndarray) -> None:
-    group = f.require_group(g.key)
-    group.attrs.update(g.attrs())
-    group.attrs["created"] = _now()
-    group.attrs["random_weights"] = g.weights_kind == "none"
-    group.attrs["flip_order"] = "none: as stored; h: left-right; v: up-down; hv: both"
-    _row_dataset(group, g.data_name, g.data_dtype, g.row_shape)
-    _write_fc(group, fc_weight, fc_bias)
-    for name in ROW_FIELDS:
-        _row_dataset(group, name, _row_dtype(name))
-
-
 def _row_dtype(name: str, width: int = MIN_TEXT_WIDTH):
     return {"label": "i1", "sha256": SHA, "height": "i4", "width": "i4"}.get(name) or h5py.string_dtype("utf-8", width)
 
@@ -769,11 +1008,13 @@ def _row_dtype(name: str, width: int = MIN_TEXT_WIDTH):
 def _row_dataset(group: h5py.Group, name: str, dtype, trailing: tuple[int, ...] = (),
                  data: np.ndarray | None = None) -> h5py.Dataset:
     """A per-row dataset, growable along rows, chunked, each chunk with a Fletcher32 checksum."""
-    # a patch map is one chunk (one image's map, one read); feature vectors come 16 rows to a chunk
+    # a patch map is one chunk (one image's map, one read); feature vectors come 16 rows of one flip to a chunk,
+    # so that reading one flip (what evaluation reads) reads that flip's chunks only
     rows = (1 if name == "patches" else POOL_CHUNK_ROWS) if name in FEATURE_DATASETS else META_CHUNK_ROWS
+    chunk = (rows, 1, *trailing[1:]) if name in FEATURE_DATASETS and name != "patches" and trailing else (rows, *trailing)
     n = 0 if data is None else len(data)
     ds = group.create_dataset(name, shape=(n, *trailing), maxshape=(None, *trailing), dtype=dtype,
-                              chunks=(rows, *trailing), fletcher32=True)
+                              chunks=chunk, fletcher32=True)
     if n:
         ds[:] = data
     return ds
@@ -789,23 +1030,6 @@ def _write_fc(group: h5py.Group, fc_weight: np.ndarray, fc_bias: np.ndarray) -> 
 def _text_width(longest: int) -> int:
     """A power of two above the longest value: one pad byte at least, so a value filling its width is damage."""
     return max(MIN_TEXT_WIDTH, 1 << int(longest).bit_length())
-
-
-def _encode_text(group: h5py.Group, name: str, values: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes in the dataset's fixed width, widening the dataset when a value needs it."""
-    ds = group[name]
-    if ds.dtype.kind == "O":  # variable-length strings (a group not yet sealed with checksums)
-        return values.astype(object)
-    encoded = np.char.encode(values.astype(str), "utf-8")
-    longest = max((len(v) for v in encoded.tolist()), default=0)
-    if longest >= ds.dtype.itemsize:
-        data = ds[...]
-        del group[name]
-        ds = _row_dataset(group, name, _row_dtype(name, _text_width(longest)))
-        ds.resize(len(data), axis=0)
-        if len(data):
-            ds[:] = data.astype(ds.dtype)
-    return encoded.astype(ds.dtype)
 
 
 def _settings_groups(f: h5py.File) -> list[h5py.Group]:
@@ -864,7 +1088,7 @@ def _rebuild_group(src: h5py.Group, dst: h5py.Group, keep: np.ndarray) -> None:
             src.copy(item, dst, name)
             continue
         if name in TEXT_FIELDS:
-            raw = _read_checked(item)[0][rows]
+            raw = read_checked(item)[0][rows]
             values = [v if isinstance(v, bytes) else str(v).encode() for v in raw.tolist()]
             dtype = _row_dtype(name, _text_width(max(map(len, values), default=0)))
             _row_dataset(dst, name, dtype, data=np.array(values, dtype=dtype) if values else None)
@@ -876,26 +1100,10 @@ def _rebuild_group(src: h5py.Group, dst: h5py.Group, keep: np.ndarray) -> None:
             b = min(item.shape[0], a + step)
             wanted = rows[(rows >= a) & (rows < b)] - a
             if len(wanted):
-                block = _read_checked(item, span=(a, b))[0]
+                block = read_checked(item, span=(a, b))[0]
                 n = target.shape[0]
                 target.resize(n + len(wanted), axis=0)
                 target[n:] = block[wanted]
-
-
-class _BadBatch(Exception):
-    """A journal batch that failed while being merged."""
-
-    def __init__(self, batch: Path) -> None:
-        super().__init__(str(batch))
-        self.batch = batch
-
-
-class _DamagedGroup(Exception):
-    """A merge that failed reading or writing a group's chunks: damage, or a write that failed."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
 
 
 def _warn_discarded(batch: Path) -> None:
@@ -903,30 +1111,11 @@ def _warn_discarded(batch: Path) -> None:
                   XfeatWarning, stacklevel=4)
 
 
-def _merge_journal(f: h5py.File, batches: Sequence[Path], discarded: list[Path]) -> None:
-    shapes: dict[str, tuple[tuple[int, ...], np.dtype] | None] = {}
-    for batch in batches:
-        rows_by_key = _load_batch(f, batch, shapes)
-        if rows_by_key is None:
-            discarded.append(batch)
-            _warn_discarded(batch)
-            continue
-        for key, rows in rows_by_key.items():
-            try:
-                _merge_rows(f[key], rows)
-            except OSError as e:
-                raise _DamagedGroup(key) from e
-            except Exception as e:
-                raise _BadBatch(batch) from e
-
-
-def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype] | None] | None = None
+def _load_batch(batch: Path, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]
                 ) -> dict[str, dict[str, np.ndarray]] | None:
     """A journal batch's rows per group, or None when it cannot be read or does not fit the cache: a zip it
     cannot read, a group the cache lacks, row counts that differ between features and metadata, features of
-    another shape or type than the group's. ``shapes`` caches each group's feature shape and type (None: no such
-    group)."""
-    shapes = {} if shapes is None else shapes
+    another shape or type than the group's (``shapes``: each group's feature row shape and type)."""
     try:
         with open(batch, "rb") as fh, np.load(fh, allow_pickle=False) as data:
             keys = data["keys"]
@@ -934,11 +1123,7 @@ def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[tuple[int, ..
                 return None
             loaded = {}
             for i, key in enumerate(keys.tolist()):
-                if key not in shapes:
-                    group = f[key] if key in f else None
-                    ds = group.get(data_name(group)) if group is not None else None
-                    shapes[key] = (ds.shape[1:], ds.dtype) if ds is not None else None
-                if key in loaded or shapes[key] is None:
+                if key in loaded or key not in shapes:
                     return None
                 rows = {n: data[f"{i}.{n}"] for n in ("features", *ROW_FIELDS) if f"{i}.{n}" in data.files}
                 if not _batch_rows_fit(rows, shapes[key]):
@@ -947,6 +1132,16 @@ def _load_batch(f: h5py.File, batch: Path, shapes: dict[str, tuple[tuple[int, ..
             return loaded
     except Exception:  # a damaged zip raises BadZipFile, EOFError, ValueError, zlib.error, OSError, KeyError...
         return None
+
+
+def _feature_shapes(f: h5py.File) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each group's feature row shape and type, as a batch's features must have them."""
+    shapes = {}
+    for group in _settings_groups(f):
+        ds = group.get(data_name(group))
+        if ds is not None:
+            shapes[group.name.lstrip("/")] = (tuple(ds.shape[1:]), ds.dtype)
+    return shapes
 
 
 def _batch_rows_fit(rows: dict[str, np.ndarray], sample_shape: tuple[tuple[int, ...], np.dtype]) -> bool:
@@ -974,40 +1169,240 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def _merge_rows(group: h5py.Group, rows: dict[str, np.ndarray]) -> None:
-    """Replace the rows whose path is already there (content or labels changed), append the others.
+@dataclass
+class _GroupKeys:
+    """A group's current rows by path and by content (sha256): what a new row supersedes."""
 
-    A batch without ``features`` only updates the metadata of rows already there.
+    by_path: dict[str, int] = field(default_factory=dict)
+    by_content: dict[str, int] = field(default_factory=dict)
+    by_id: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def add(self, paths: Sequence[str], shas: Sequence[str], ids: Sequence[int]) -> None:
+        for p, s, i in zip(paths, shas, ids):
+            self.by_path[p], self.by_content[s], self.by_id[i] = i, i, (p, s)
+
+    def drop(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            p, s = self.by_id.pop(i, ("", ""))
+            if self.by_path.get(p) == i:
+                del self.by_path[p]
+            if self.by_content.get(s) == i:
+                del self.by_content[s]
+
+
+def _stage_rows(staged: dict[str, dict], rows: dict[str, np.ndarray], keys: _GroupKeys) -> None:
+    """Fold one batch's rows of a group into the rows the commit writes, in order: a later row of a file replaces
+    an earlier one; a metadata-only row changes a staged row or a row already in the cache (never makes one)."""
+    full = "features" in rows
+    for i, path in enumerate(rows["path"].tolist()):
+        values = {n: rows[n][i] for n in ROW_FIELDS if n in rows}
+        if full:
+            staged[path] = {**values, "features": rows["features"][i]}
+        elif path in staged:
+            staged[path].update({n: values[n] for n in ("relpath", "bundle", "label")})
+        elif path in keys.by_path:
+            staged[path] = {**{n: values[n] for n in ("path", "relpath", "bundle", "label")}, "features": None}
+
+
+@dataclass
+class _Segment:
+    """What one commit adds: rows per group, fc layers of new groups, the window histograms."""
+
+    rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    fc: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    histograms: tuple[Mapping[str, np.ndarray], Mapping[str, int]] | None = None
+    text_widths: dict[str, dict[str, int]] = field(default_factory=dict)
+    histogram_shape: tuple[int, ...] = ()
+    histogram_attrs: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.fc or self.histograms)
+
+    def write(self, path: Path, index: Index) -> None:
+        """An ordinary HDF5 file in the single-file layout (checksummed chunks, fixed-width UTF-8) holding only
+        what this commit adds; its groups carry their settings, so a segment describes itself."""
+        with h5py.File(path, "w") as f:
+            f.attrs["format"], f.attrs["created"] = SEGMENT_FORMAT, _now()
+            for key in {**self.rows, **self.fc}:
+                group = f.require_group(key)
+                group.attrs.update(index.groups[key].attrs)
+            for key, columns in self.rows.items():
+                group, widths = f[key], {}
+                g = index.groups[key]
+                name = _data_name(g)
+                _row_dataset(group, name, g.datasets[name].dtype, g.datasets[name].trailing, columns["features"])
+                for field_name in ROW_FIELDS:
+                    values = columns[field_name]
+                    if field_name in TEXT_FIELDS:
+                        encoded = np.char.encode(values.astype(str), "utf-8")
+                        width = _text_width(max((len(v) for v in encoded.tolist()), default=0))
+                        widths[field_name] = width
+                        dtype = _row_dtype(field_name, width)
+                        values = encoded.astype(dtype)
+                    else:
+                        dtype = _row_dtype(field_name)
+                        values = values.astype(SHA if field_name == "sha256" else dtype)
+                    _row_dataset(group, field_name, dtype, (), values)
+                self.text_widths[key] = widths
+            for key, (weight, bias) in self.fc.items():
+                _write_fc(f[key], weight, bias)
+            if self.histograms:
+                _store_window_histograms(f, *self.histograms)
+                ds = f[WINDOW_HISTOGRAMS]
+                self.histogram_shape, self.histogram_attrs = tuple(ds.shape), dict(ds.attrs)
+
+
+def _row_shapes(g: GroupSettings) -> dict[str, DatasetShape]:
+    """The per-row datasets of a new group: the feature dataset and the metadata."""
+    shapes = {g.data_name: DatasetShape(g.row_shape, np.dtype(g.data_dtype))}
+    for name in ROW_FIELDS:
+        shapes[name] = DatasetShape((), np.dtype(_row_dtype(name)))
+    return shapes
+
+
+def _data_name(g: GroupIndex) -> str:
+    tap = g.attrs.get("tap", "pool")
+    return tap.decode() if isinstance(tap, bytes) else str(tap)
+
+
+def is_segmented(f: h5py.File) -> bool:
+    """True for a cache in the segment layout (format 3): an index over ``c.h5.segments/``."""
+    layout = f.attrs.get("layout", "")
+    return (layout.decode() if isinstance(layout, bytes) else str(layout)) == LAYOUT
+
+
+def _read_index(f: h5py.File) -> Index:
+    groups = _settings_groups(f)
+    return read_index(f, groups, {g.name.lstrip("/"): (data_name(g), *ROW_FIELDS) for g in groups})
+
+
+def missing_segments_of(group: h5py.Group) -> list[tuple[Path, int]]:
+    """(segment, rows of the group there) for each segment a group of a segmented cache reads that is missing or
+    not an HDF5 file; empty for a single-file cache."""
+    if RUNS not in group:
+        return []
+    runs = group[RUNS][...]
+    counts = {int(s): int(runs[runs[:, 0] == s, 2].sum()) for s in np.unique(runs[:, 0])}
+    for name in ("fc_weight", "fc_bias"):
+        if name in group and group[name].is_virtual:
+            counts.setdefault(int(Path(group[name].virtual_sources()[0].file_name).stem), 0)
+    return [(path, counts[int(path.stem)]) for path in missing_segments(recorded_folder(group.file), set(counts))]
+
+
+def check_segments(cache: str | os.PathLike[str], group: h5py.Group) -> None:
+    """A ``CacheError`` naming the first segment a group reads that is missing or unreadable."""
+    lost = missing_segments_of(group)
+    if lost:
+        path, rows = lost[0]
+        more = f" (and {len(lost) - 1} more segments)" if len(lost) > 1 else ""
+        raise CacheError(f"{cache}: segment {path} is missing or not an HDF5 file{more}: {rows} row(s) of "
+                         f"{group.name.lstrip('/')} cannot be read; {REPAIR_HINT}")
+
+
+def _decoded(values: np.ndarray) -> np.ndarray:
+    """Text columns as str (fixed-width UTF-8, or variable-length in caches written before checksums)."""
+    if values.dtype.kind == "S":
+        return np.char.decode(values, "utf-8")
+    if values.dtype.kind == "O":
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()], dtype=str)
+    return values
+
+
+def copy_cache(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Copy a cache, with its segments, to a new name: the copy's index reads its own segment folder.
+
+    (A single-file cache is one file to copy; a cache in the segment layout is the index file and
+    ``<name>.segments/``, and its index names that folder.)"""
+    source, target = cache_path(source), Path(target)
+    with open_cache(source) as f:
+        segmented = is_segmented(f)
+        index = _read_index(f) if segmented else None
+    if not segmented:
+        with replacing(target) as tmp:
+            shutil.copyfile(source, tmp)
+        return target
+    folder = segment_folder(target)
+    if folder.exists():
+        raise CacheError(f"{target}: its segment folder {folder} already exists; choose another name")
+    shutil.copytree(segment_folder(source), folder)
+    with replacing(target) as tmp, h5py.File(tmp, "w") as f:
+        write_index(f, index, target.name)
+    return target
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What ``compact`` did: segments folded, and the cache's size before and after (bytes)."""
+
+    segments: int
+    bytes_before: int
+    bytes_after: int
+
+
+def segment_count(cache: str | os.PathLike[str]) -> int:
+    """How many segments a cache's index reads (0 for a single-file cache)."""
+    with open_cache(cache_path(cache)) as f:
+        return len(_read_index(f).segments()) if is_segmented(f) else 0
+
+
+def cache_bytes(cache: str | os.PathLike[str]) -> int:
+    """The bytes a cache occupies: its file and, in the segment layout, its segments."""
+    path = cache_path(cache)
+    folder = segment_folder(path)
+    segments = sum(p.stat().st_size for p in folder.glob("*.h5")) if folder.is_dir() else 0
+    return path.stat().st_size + segments
+
+
+def compact(cache: str | os.PathLike[str]) -> Compaction:
+    """Fold a cache in the segment layout into one self-contained file of the single-file layout (format 1 or
+    2, as before segments), holding the current rows only, in their order; then remove its segments.
+
+    For copying a cache as one file, archiving it, or reclaiming the space of superseded rows. Costs one read
+    and one write of the whole cache, under the writer's lock (a run extracting into it waits). A missing or
+    damaged segment stops it with a one-line error, the cache left as it was.
     """
-    index = {p: i for i, p in enumerate(group["path"].asstr()[:])}
-    if "features" not in rows:  # metadata updates apply to rows already there, never create rows
-        known = np.array([p in index for p in rows["path"]], dtype=bool)
-        rows = {k: v[known] for k, v in rows.items()}
-    _, last = np.unique(rows["path"][::-1], return_index=True)
-    if len(last) < len(rows["path"]):  # one file twice in a batch (e.g. reached through a symlink): keep the last
-        kept = np.sort(len(rows["path"]) - 1 - last)
-        rows = {k: v[kept] for k, v in rows.items()}
-    start = n = group["path"].shape[0]
-    positions = []
-    for p in rows["path"]:
-        if p not in index:
-            index[p] = n
-            n += 1
-        positions.append(index[p])
-    positions = np.asarray(positions)
-    values = {k: rows[k] for k in ROW_FIELDS if k in rows}
-    if "sha256" in values:
-        values["sha256"] = values["sha256"].astype(SHA)
-    for name in TEXT_FIELDS:
-        values[name] = _encode_text(group, name, values[name])
-    if "features" in rows:
-        values[data_name(group)] = rows["features"]
-    appended = positions >= start  # new rows come in order, so they fill start..n in one slice
-    for name, column in values.items():
-        dataset = group[name]
-        dataset.resize(n, axis=0)
-        if appended.any():
-            dataset[start:n] = column[appended]
-        for i in np.flatnonzero(~appended):  # one-row slices keep the column's dtype (fixed-width UTF-8)
-            dataset[positions[i]:positions[i] + 1] = column[i:i + 1]
+    with CacheWriter(cache) as writer:  # the lock; merges what an interrupted run left first
+        path = writer.path
+        with open_cache(path) as f:
+            if not is_segmented(f):
+                return Compaction(0, cache_bytes(path), cache_bytes(path))
+            for group in _settings_groups(f):
+                check_segments(path, group)
+            segments = len(_read_index(f).segments())
+        before = cache_bytes(path)
+        with writer._writing(), replacing(path) as tmp:
+            with open_cache(path) as src, h5py.File(tmp, "w") as dst:
+                _write_compacted(path, src, dst)
+        shutil.rmtree(segment_folder(path), ignore_errors=True)  # unread now; a kill here leaves them to the next run
+    return Compaction(segments, before, cache_bytes(path))
 
+
+def _write_compacted(cache: Path, src: h5py.File, dst: h5py.File) -> None:
+    """Every current row of the index ``src``, read and checked, into ordinary datasets of ``dst``."""
+    dst.attrs.update({k: v for k, v in src.attrs.items() if k not in ("layout", "segments")})
+    dst.attrs["format_version"] = 1  # raised to 2 below if a group needs it
+    if WINDOW_HISTOGRAMS in src:
+        ds = src[WINDOW_HISTOGRAMS]
+        copy = dst.create_dataset(WINDOW_HISTOGRAMS, data=ds[...], chunks=(1, N_LEVELS), compression="gzip",
+                                  compression_opts=4, shuffle=True, fletcher32=True)
+        copy.attrs.update(dict(ds.attrs))
+    for group in _settings_groups(src):
+        key = group.name.lstrip("/")
+        target = dst.require_group(key)
+        target.attrs.update(dict(group.attrs))
+        columns, _, damages = scan_group(group, (), fc=True)
+        if damages:
+            raise damage_error(cache, damages)
+        _write_fc(target, columns["fc_weight"], columns["fc_bias"])
+        for name in (data_name(group), *ROW_FIELDS):
+            ds = group[name]
+            out = _row_dataset(target, name, ds.dtype, tuple(ds.shape[1:]))
+            out.resize(ds.shape[0], axis=0)
+            step = max(1, SLAB_BYTES // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))))
+            for a in range(0, ds.shape[0], step):
+                block, unreadable, _ = read_checked(ds, span=(a, min(ds.shape[0], a + step)))
+                if unreadable.any():
+                    raise damage_error(cache, [Damage(f"{key}/{name}", "checksum mismatch (damaged file)",
+                                                      a + np.flatnonzero(unreadable))])
+                out[a:a + len(block)] = block
+    dst.attrs["format_version"] = _format_version(dst)

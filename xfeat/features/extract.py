@@ -62,6 +62,7 @@ class ExtractConfig:
     max_pixels: int = MAX_PIXELS  # images (and the input size) declaring more pixels are refused undecoded
     taps: tuple[str, ...] = ("pool",)  # pool, local, patches (xfeat.features.local); pool is always stored
     tiles: Tiling | None = None  # run the backbone on tiles of `size` instead of on the image shrunk to `size`
+    storage: str = "float32"  # the stored vectors' type: float32, or float16 (half the disk; patch maps always)
 
     def validate(self) -> None:
         if not self.backbones or not self.methods:
@@ -73,6 +74,8 @@ class ExtractConfig:
             raise XfeatError("the pool tap is always stored (it costs nothing more): add pool to --taps")
         if self.tiles is not None and self.tiles.tile != self.size:
             raise XfeatError(f"the tiles are {self.tiles.tile}, the input size {self.size}: give the same")
+        if self.storage not in ("float32", "float16"):
+            raise XfeatError(f"--dtype must be float32 or float16, not {self.storage}")
         if self.flips not in (1, 2, 4):
             raise XfeatError(f"--flips must be 1, 2 or 4, not {self.flips}")
         if min(self.size) < 16:
@@ -279,7 +282,7 @@ def _settings(extractor, backbone: str, method: str, tap: str, config: ExtractCo
         resize=RESIZE, precision=precision, g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1,
         tap=tap, tap_params=json.dumps(params, sort_keys=True) if params else "",
         tiles=f"{tiles.rows}x{tiles.cols}" if tiles else "", tile_overlap=tiles.overlap if tiles else 0.0,
-        tile_combine=tiles.combine if tiles else "")
+        tile_combine=tiles.combine if tiles else "", storage="float16" if tap == "patches" else config.storage)
 
 
 def tap_layout(backbone: str, tap: str, config: ExtractConfig, pooled_dim: int) -> tuple[dict, int]:
@@ -311,11 +314,16 @@ def _plan(writer: CacheWriter, groups: dict[tuple[str, str, str], GroupSettings]
     method's taps: they come from one forward pass); labels or bundles changed for cached images are updated in
     place."""
     missing: dict[int, set[str]] = {}
+    in_dataset = {str(r.path) for r in records}
     for (_, method, _), settings in groups.items():
         cached = writer.cached_images(settings.key)
+        by_content = {held[0]: path for path, held in cached.items()}
         relabelled = []
         for i, (record, sha) in enumerate(zip(records, hashes)):
-            held = cached.get(str(record.path))
+            path = str(record.path)
+            held, twin = cached.get(path), by_content.get(sha)
+            if held is None and twin is not None and twin != path and twin in in_dataset:
+                continue  # a copy of another file of the dataset, cached under that name: one row per content
             if held is None or held[0] != sha:
                 missing.setdefault(i, set()).add(method)
             elif held[1:] != (record.relpath, record.bundle, record.label):
@@ -398,7 +406,8 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
                               config.taps, patches)
             records = [work[it["index"]].record for it in items]
             for tap, features in taps.items():
-                rows_by_key[groups[(backbone, method, tap)].key] = _rows(features, records, items)
+                settings = groups[(backbone, method, tap)]
+                rows_by_key[settings.key] = _rows(features.astype(settings.data_dtype, copy=False), records, items)
         if rows_by_key:
             writer.add(rows_by_key)
         computed += len(good)

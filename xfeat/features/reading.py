@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,8 +14,10 @@ import h5py
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from xfeat.features.cache import (FLIPS, CacheError, GroupSettings, bad_journal_batches, cache_path,
-                                  damage_error, nonfinite_rows, open_cache, scan_group, stored_window_stats)
+from xfeat.features.cache import (FLIPS, SLAB_BYTES, CacheError, Damage, GroupSettings, bad_journal_batches,
+                                  cache_bytes, cache_path, check_segments, damage_error, missing_segments_of,
+                                  nonfinite_rows, open_cache, read_checked, scan_group, segment_count,
+                                  stored_window_stats)
 from xfeat.errors import XfeatWarning
 from xfeat.convert.stats import WindowStats
 
@@ -95,7 +97,8 @@ def _groups(f: h5py.File) -> list[h5py.Group]:
 
 def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", method: str = "m2", *,
                   layer: str = "pool", size: str | tuple[int, int] | None = None,
-                  flips: str = "none") -> FeatureSet:
+                  flips: str = "none", bundles: Sequence[str] | None = None,
+                  rows: Sequence[int] | np.ndarray | None = None) -> FeatureSet:
     """Load one group's features.
 
     ``size`` ("2000x1000", (2000, 1000), or a tiled geometry such as "512x512_t4x2") may be left out when the
@@ -103,7 +106,14 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
     or ``"all"`` giving X [N, F, D]. ``layer`` is ``pool`` (the pooled trunk output), ``fc1000`` (the ImageNet
     logits), ``local`` (statistics of the mid-level stages, ``xfeat extract --taps pool,local``), several of
     these joined side by side (``pool+local``), or ``patches`` (X [N, rows, columns, D] float16 patch maps,
-    ``--patch-maps``, unflipped only).
+    ``--patch-maps``, unflipped only). ``bundles`` keeps the images of those bundles only; ``rows`` (indices,
+    or a boolean mask) then keeps those rows of what would be returned without it, so ``load_features(c,
+    rows=r)`` equals ``load_features(c).select(r)``.
+
+    Reads are bounded by what is asked: the per-image metadata of the group, then the features of the rows
+    kept, slab by slab into the array returned (for one flip, only that flip's values are copied out). Memory:
+    the array returned plus about 0.7 KB per cached image for the metadata (paths, bundles, content hashes)
+    plus one 64 MB slab: about 5.8 GB for the pooled lite0 vectors (1280-d) of a million images.
     """
     parts = parse_layer(layer)
     if parts == ("patches",) and flips != "none":
@@ -124,7 +134,7 @@ def load_features(cache: str | os.PathLike[str], backbone: str = "resnet34", met
             size = f"{size[0]}x{size[1]}"
         if size not in sizes:
             raise CacheError(f"{cache}: no {backbone}/{method} features at {size}; sizes: {', '.join(sizes)}")
-        read = [_read_layer(f, cache, f"{base}/{size}", part, flips) for part in parts]
+        read = [_read_layer(f, cache, f"{base}/{size}", part, flips, bundles, rows) for part in parts]
         first = read[0]
         for other, part in zip(read[1:], parts[1:]):
             if not (np.array_equal(other.paths, first.paths) and np.array_equal(other.sha256, first.sha256)):
@@ -144,13 +154,16 @@ def parse_layer(layer: str) -> tuple[str, ...]:
     return parts
 
 
-def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str) -> FeatureSet:
-    """One layer of one geometry: its tap's group read and checked, rows one per file content, sorted."""
+def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str, bundles: Sequence[str] | None = None,
+                rows: Sequence[int] | np.ndarray | None = None) -> FeatureSet:
+    """One layer of one geometry: its tap's group read and checked, rows one per file content, sorted, then the
+    subset asked for; features read only for the rows kept."""
     key = key + {"local": ".local", "patches": ".patches"}.get(layer, "")
     if key not in f:
         option = "--patch-maps" if layer == "patches" else f"--taps pool,{layer}"
         raise CacheError(f"{cache}: no {layer} features in {key.rsplit('.', 1)[0]}; run xfeat extract with {option}")
     group = f[key]
+    check_segments(cache, group)
     settings = GroupSettings.from_attrs(group.attrs)
     stored_flips = tuple(settings.flips.split(","))
     if flips != "all" and flips not in stored_flips:
@@ -158,11 +171,19 @@ def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str) -> Featur
                          "(or ask for flips='all')")
     # Every value read is checked (checksums, impossible values): damage is an error, never a result.
     flip = None if flips == "all" or layer == "patches" else stored_flips.index(flips)
-    c, _, damages = scan_group(group, ("pool", "path", "bundle", "label", "sha256"), fc=True, keep_pool=True,
-                               flip=flip)
+    c, _, damages = scan_group(group, ("path", "bundle", "label", "sha256"), fc=True)
     if damages:
         raise damage_error(cache, damages)
-    pool, fc_weight, fc_bias = c["pool"], c["fc_weight"], c["fc_bias"]
+    fc_weight, fc_bias = c["fc_weight"], c["fc_bias"]
+    sha256 = c["sha256"]
+    order = _latest_per_content(sha256, cache, key)
+    order = order[np.lexsort((c["path"][order], c["bundle"][order]))]  # bundle, then path: not extraction order
+    if bundles is not None:
+        order = order[np.isin(c["bundle"][order], list(bundles))]
+    if rows is not None:
+        rows = np.asarray(rows)
+        order = order[rows if rows.dtype == bool else rows.astype(np.intp)]
+    pool = _read_rows(cache, group[settings.data_name], order, flip)
     broken = nonfinite_rows(pool)
     if broken.any():  # they passed the checksum: computed so (the weights, or fp16 overflowing)
         raise CacheError(f"{cache}: {key}/{settings.data_name}: non-finite features (NaN or inf) in "
@@ -175,13 +196,39 @@ def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str) -> Featur
         X = fc1000(pool, fc_weight, fc_bias)
     else:
         X = pool
-    sha256 = c["sha256"]
-    rows = _latest_per_content(sha256, cache, key)
-    rows = rows[np.lexsort((c["path"][rows], c["bundle"][rows]))]  # bundle, then path: not extraction order
     return FeatureSet(
-        X=X[rows], y=c["label"][rows], groups=c["bundle"][rows], paths=c["path"][rows], sha256=sha256[rows],
+        X=X, y=c["label"][order], groups=c["bundle"][order], paths=c["path"][order], sha256=sha256[order],
         layer=layer, flips=stored_flips if flips == "all" else (flips,), settings=settings, fc_weight=fc_weight,
         fc_bias=fc_bias)
+
+
+def _read_rows(cache, ds: h5py.Dataset, order: np.ndarray, flip: int | None) -> np.ndarray:
+    """``ds[order]`` (one flip's column with ``flip``), read slab by slab straight into the array returned,
+    every chunk checked; slabs holding none of the rows are not read."""
+    shape = ds.shape[1:] if flip is None else ds.shape[2:]
+    vectors = ds.name.rsplit("/", 1)[-1] != "patches"  # float16-stored vectors are returned as float32, as always
+    out = np.empty((len(order), *shape), dtype=np.float32 if vectors else ds.dtype)
+    if not len(order):
+        return out
+    row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+    step = ds.chunks[0] if ds.chunks else 16
+    slab = max(step, SLAB_BYTES // row_bytes // step * step)
+    where = np.argsort(order, kind="stable")
+    wanted = order[where]
+    i = 0
+    while i < len(wanted):
+        a = int(wanted[i]) // slab * slab
+        b = min(ds.shape[0], a + slab)
+        j = int(np.searchsorted(wanted, b))
+        block, unreadable, _ = read_checked(ds, flip, span=(a, b))
+        if unreadable.any():
+            raise damage_error(cache, [Damage(ds.name.lstrip("/"), "checksum mismatch (damaged file)",
+                                              a + np.flatnonzero(unreadable))])
+        picked = wanted[i:j] - a
+        whole = len(picked) == len(block) and bool((picked == np.arange(len(block))).all())
+        out[where[i:j]] = block if whole else block[picked]  # all of a slab: no gather
+        i = j
+    return out
 
 
 @dataclass(frozen=True)
@@ -209,9 +256,9 @@ def only_current(fs: FeatureSet, current: Mapping[str, str]) -> tuple[FeatureSet
     """The rows of ``fs`` whose file is in ``current`` (path -> sha256 of a dataset now) with that content."""
     keep = np.array([current.get(p) == h for p, h in zip(fs.paths, fs.sha256)], dtype=bool)
     gone = int(sum(p not in current for p in fs.paths))
-    held = set(fs.paths[keep].tolist())
-    check = RowCheck(gone=gone, changed=int(len(keep) - keep.sum() - gone),
-                     missing=sum(p not in held for p in current))
+    held, contents = set(fs.paths[keep].tolist()), set(fs.sha256[keep].tolist())
+    check = RowCheck(gone=gone, changed=int(len(keep) - keep.sum() - gone),  # a copy of a held content is not missing
+                     missing=sum(p not in held and h not in contents for p, h in current.items()))
     return fs.select(keep), check
 
 
@@ -262,6 +309,7 @@ class CacheInfo:
     groups: list[GroupInfo]
     pending_batches: int  # journal files an interrupted run left; the next extract merges them
     bad_batches: list[str] = field(default_factory=list)  # with verify: journal files the next extract discards
+    segments: int = 0  # segment files the index reads (0: a single-file cache)
 
     @property
     def damaged(self) -> bool:
@@ -282,12 +330,13 @@ def describe_cache(cache: str | os.PathLike[str], dataset_hashes: dict[str, str]
         stats = stored_window_stats(f)
         for group in _groups(f):
             names = ("path", "relpath", "bundle", "label", "sha256", "height", "width") + (("pool",) if verify else ())
+            lost = [f"segment {p}: missing or not an HDF5 file ({n} rows)" for p, n in missing_segments_of(group)]
             c, bad, damages = scan_group(group, names, fc=verify)
             ok = ~bad
             paths, hashes = c["path"][ok], c["sha256"][ok]
             counts = Counter(zip(c["bundle"][ok].tolist(), c["label"][ok].tolist()))
             info = GroupInfo(GroupSettings.from_attrs(group.attrs), len(paths), dict(sorted(counts.items())),
-                             damage=[d.describe() for d in damages])
+                             damage=lost + [d.describe() for d in damages if not lost])
             if dataset_hashes is not None:
                 held = dict(zip(paths, hashes))
                 info.missing = [p for p in dataset_hashes if p not in held]
@@ -297,7 +346,7 @@ def describe_cache(cache: str | os.PathLike[str], dataset_hashes: dict[str, str]
     journal = Path(f"{cache_path(path)}.journal")
     pending = len(list(journal.glob("*.npz"))) if journal.exists() else 0
     bad = [str(b) for b in bad_journal_batches(path)] if verify and pending else []
-    return CacheInfo(path, path.stat().st_size, attrs, stats, infos, pending, bad)
+    return CacheInfo(path, cache_bytes(path), attrs, stats, infos, pending, bad, segment_count(path))
 
 
 __all__ = ["FeatureSet", "RowCheck", "load_features", "only_current", "list_groups", "describe_cache", "fc1000", "FLIPS"]

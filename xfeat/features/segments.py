@@ -1,0 +1,235 @@
+"""Append-only segments and the index over them: what makes a commit cost the rows it adds, not the cache's size.
+
+A cache ``c.h5`` in the segment layout (format 3) is an *index*: the cache's attributes, each group's settings,
+and for every dataset of the old single-file layout a virtual dataset (HDF5 VDS) of the same name and shape,
+whose rows come from the *segments* ``c.h5.segments/NNNNNN.h5``. Plain h5py, MATLAB and R read a virtual dataset
+like an ordinary one. Each commit writes the rows it adds into one new segment (aside, synced, renamed into
+place) and then a new index (likewise), so its cost is the rows added plus the index, which is a few bytes per
+*run* of rows (consecutive rows of one segment), not per row.
+
+The index holds the *current* rows only, one per image: a row superseded (the file changed, moved, was
+relabelled, or its row was found damaged) stays in its segment but leaves the index. Each group's runs are
+stored as ``index_runs`` (int64 [K, 3]: segment, first row, rows), in the order of the virtual rows; xfeat
+works from them, plain readers need only the virtual datasets. Source paths are relative
+(``c.h5.segments/000001.h5``), which HDF5 resolves against the index file's folder: the pair moves together.
+A missing source makes HDF5 return fill values, so xfeat checks that every segment a group uses exists before
+reading it, and the virtual float datasets are filled with NaN (which xfeat's checks reject).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SEGMENTS_SUFFIX = ".segments"
+RUNS = "index_runs"
+FOLDER_ATTR = "segments"  # root attribute of an index: the name of the folder its virtual datasets read
+_SHIFT = 32  # a row id: segment << 32 | row in the segment
+
+
+def segment_folder(cache: str | os.PathLike[str]) -> Path:
+    """The folder of a cache's segments: ``c.h5.segments`` beside ``c.h5``."""
+    return Path(f"{cache}{SEGMENTS_SUFFIX}")
+
+
+def segment_file(cache: str | os.PathLike[str], number: int) -> Path:
+    return segment_folder(cache) / f"{number:06d}.h5"
+
+
+def segment_numbers(cache: str | os.PathLike[str]) -> list[int]:
+    """The numbers of the segment files present (referenced by the index or not)."""
+    folder = segment_folder(cache)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob("*.h5") if p.stem.isdigit())
+
+
+def row_ids(segment: int | np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Row ids (segment and row in it, one int64) of rows of a segment."""
+    return (np.asarray(segment, np.int64) << _SHIFT) | np.asarray(rows, np.int64)
+
+
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids -> (segment, row in the segment)."""
+    ids = np.asarray(ids, np.int64)
+    return ids >> _SHIFT, ids & ((1 << _SHIFT) - 1)
+
+
+def runs_of(ids: np.ndarray) -> np.ndarray:
+    """int64 [K, 3] (segment, first row, rows): the ids as runs of consecutive rows of one segment."""
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):
+        return np.zeros((0, 3), np.int64)
+    starts = np.flatnonzero(np.r_[True, np.diff(ids) != 1])
+    counts = np.diff(np.r_[starts, len(ids)])
+    segment, first = split_ids(ids[starts])
+    return np.stack([segment, first, counts], axis=1)
+
+
+def ids_of(runs: np.ndarray) -> np.ndarray:
+    """The inverse of ``runs_of``."""
+    runs = np.asarray(runs, np.int64).reshape(-1, 3)
+    if not len(runs):
+        return np.zeros(0, np.int64)
+    starts = row_ids(runs[:, 0], runs[:, 1])
+    offsets = np.arange(int(runs[:, 2].sum())) - np.repeat(np.cumsum(runs[:, 2]) - runs[:, 2], runs[:, 2])
+    return np.repeat(starts, runs[:, 2]) + offsets
+
+
+@dataclass
+class DatasetShape:
+    """What a virtual dataset needs to know of its sources: the row's shape and the dtype readers get."""
+
+    trailing: tuple[int, ...]
+    dtype: np.dtype
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class GroupIndex:
+    """One group of the index: its settings (attributes), its current rows and where its fixed datasets live."""
+
+    attrs: dict
+    ids: np.ndarray  # int64 [N]: the current rows, in the order readers see them
+    datasets: dict[str, DatasetShape]  # per-row datasets (features and metadata)
+    fixed: dict[str, tuple[int, DatasetShape]]  # fc_weight, fc_bias: (segment, shape) of whole datasets
+
+
+@dataclass
+class Index:
+    """The whole index: root attributes, the window histograms' segment, the groups."""
+
+    attrs: dict
+    groups: dict[str, GroupIndex]
+    fixed: dict[str, tuple[int, DatasetShape]] = field(default_factory=dict)  # root datasets (window_histograms)
+
+    def segments(self) -> set[int]:
+        """Every segment the index reads from."""
+        used = {s for s, _ in self.fixed.values()}
+        for g in self.groups.values():
+            used.update(np.unique(split_ids(g.ids)[0]).tolist())
+            used.update(s for s, _ in g.fixed.values())
+        return used
+
+
+def _source_name(cache_name: str, segment: int) -> str:
+    return f"{cache_name}{SEGMENTS_SUFFIX}/{segment:06d}.h5"
+
+
+def _fill(dtype: np.dtype):
+    """What a plain reader gets from a missing segment: NaN, or -1 for the integers (labels, sizes), values
+    xfeat's checks reject; strings read empty (an empty path is rejected too)."""
+    return np.nan if dtype.kind == "f" else -1 if dtype.kind == "i" else None
+
+
+def _create_virtual(parent: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                    mappings: list[tuple[tuple[int, ...], tuple[int, ...], str, str, tuple[int, ...], tuple[int, ...]]],
+                    attrs: dict) -> None:
+    """A virtual dataset from (destination start, count, source file, source dataset, source shape, source start)
+    mappings, through h5py's low-level API: its high-level ``VirtualLayout`` costs ~10x more per mapping."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    fill = _fill(dtype)
+    if fill is not None:
+        dcpl.set_fill_value(np.array([fill], dtype=dtype))
+    space = h5py.h5s.create_simple(shape, shape)
+    for start, count, file_name, dataset, source_shape, source_start in mappings:
+        selected = space.copy()
+        selected.select_hyperslab(start, count)
+        source = h5py.h5s.create_simple(source_shape, source_shape)
+        source.select_hyperslab(source_start, count)
+        dcpl.set_virtual(selected, file_name.encode(), dataset.encode(), source)
+    h5py.h5d.create(parent.id, name.encode(), h5py.h5t.py_create(dtype, logical=True), space, dcpl=dcpl)
+    parent[name].attrs.update(attrs)
+
+
+def _virtual(parent: h5py.Group, name: str, cache_name: str, source_key: str, runs: np.ndarray, n: int,
+             shape: DatasetShape) -> None:
+    """A virtual dataset of ``n`` rows taking each run of rows from its segment's dataset ``source_key``."""
+    zeros = (0,) * len(shape.trailing)
+    mappings, at = [], 0
+    for segment, first, count in runs.tolist():
+        mappings.append(((at, *zeros), (count, *shape.trailing), _source_name(cache_name, segment), source_key,
+                         (first + count, *shape.trailing), (first, *zeros)))
+        at += count
+    _create_virtual(parent, name, (n, *shape.trailing), shape.dtype, mappings, shape.attrs)
+
+
+def _virtual_whole(parent: h5py.Group, name: str, cache_name: str, source_key: str, segment: int,
+                   shape: DatasetShape) -> None:
+    """A virtual dataset that is one whole dataset of one segment (fc_weight, window_histograms)."""
+    full = tuple(shape.trailing)
+    zeros = (0,) * len(full)
+    _create_virtual(parent, name, full, shape.dtype,
+                    [(zeros, full, _source_name(cache_name, segment), source_key, full, zeros)], shape.attrs)
+
+
+def write_index(f: h5py.File, index: Index, cache_name: str) -> None:
+    """Write ``index`` into the new, empty file ``f`` (the caller writes it aside and renames it into place);
+    ``cache_name``: the index file's name, which names the segment folder its sources are in."""
+    f.attrs.update(index.attrs)
+    f.attrs[FOLDER_ATTR] = f"{cache_name}{SEGMENTS_SUFFIX}"
+    for name, (segment, shape) in index.fixed.items():
+        _virtual_whole(f, name, cache_name, name, segment, shape)
+    for key, g in index.groups.items():
+        group = f.require_group(key)
+        group.attrs.update(g.attrs)
+        runs = runs_of(g.ids)
+        ds = group.create_dataset(RUNS, data=runs, dtype=np.int64)
+        ds.attrs["description"] = (f"the current rows: row i of every per-image dataset here is a row of a segment "
+                                   f"{cache_name}{SEGMENTS_SUFFIX}/NNNNNN.h5; each line (segment, first row, rows) "
+                                   "gives the next rows in order")
+        for name, shape in g.datasets.items():
+            _virtual(group, name, cache_name, f"{key}/{name}", runs, len(g.ids), shape)
+        for name, (segment, shape) in g.fixed.items():
+            _virtual_whole(group, name, cache_name, f"{key}/{name}", segment, shape)
+
+
+def _shape_of(ds: h5py.Dataset, per_row: bool) -> DatasetShape:
+    return DatasetShape(tuple(ds.shape[1:] if per_row else ds.shape), ds.dtype, dict(ds.attrs))
+
+
+def read_index(f: h5py.File, groups: list[h5py.Group], row_names: dict[str, tuple[str, ...]]) -> Index:
+    """The index of a cache in the segment layout (``groups``: its settings groups; ``row_names``: per group key,
+    the per-row datasets)."""
+    fixed = {}
+    for name, item in f.items():
+        if isinstance(item, h5py.Dataset) and item.is_virtual:
+            fixed[name] = (_whole_segment(item), _shape_of(item, False))
+    index = Index(dict(f.attrs), {}, fixed)
+    for group in groups:
+        key = group.name.lstrip("/")
+        datasets = {n: _shape_of(group[n], True) for n in row_names[key] if n in group}
+        whole = {n: (_whole_segment(group[n]), _shape_of(group[n], False))
+                 for n in ("fc_weight", "fc_bias") if n in group}
+        index.groups[key] = GroupIndex(dict(group.attrs), ids_of(group[RUNS][...]), datasets, whole)
+    return index
+
+
+def _whole_segment(ds: h5py.Dataset) -> int:
+    sources = ds.virtual_sources()
+    return int(Path(sources[0].file_name).stem)
+
+
+def recorded_folder(f: h5py.File) -> Path:
+    """The segment folder an index's virtual datasets read (named after the file when it was written)."""
+    name = f.attrs.get(FOLDER_ATTR, "")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return Path(f.filename).resolve().parent / name  # beside the real file: HDF5 follows a symlinked index too
+
+
+def missing_segments(folder: Path, segments: set[int]) -> list[Path]:
+    """Segment files of ``folder`` that are missing or not HDF5 files (checked by their signature)."""
+    bad = []
+    for s in sorted(segments):
+        path = folder / f"{s:06d}.h5"
+        try:
+            with open(path, "rb") as fh:
+                if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                    bad.append(path)
+        except OSError:
+            bad.append(path)
+    return bad
