@@ -37,7 +37,8 @@ import h5py
 import numpy as np
 
 from machine import cpu_description  # this folder: run as python benchmarks/cache_scale.py
-from xfeat.features.cache import CacheWriter, GroupSettings, Rows, cache_bytes, compact, copy_cache
+from xfeat.features.cache import GroupSettings, Rows, cache_bytes
+from xfeat.features.writer import CacheWriter, compact, copy_cache
 
 FLIPS, DIM = 4, 1280
 CHECKPOINTS = (10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000, 5_000_000)

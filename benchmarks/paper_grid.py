@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xfeat.features.cache import CacheWriter, GroupSettings, Rows
+from xfeat.features.cache import GroupSettings, Rows
+from xfeat.features.writer import CacheWriter
 from machine import cpu_description  # this folder: run as python benchmarks/paper_grid.py
 from xfeat.learn.evaluation import PAPER, configurations, evaluate
 from xfeat.learn.operating import DEFAULT_RECALLS

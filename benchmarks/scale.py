@@ -37,7 +37,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from xfeat.features.cache import CacheWriter, GroupSettings, Rows
+from xfeat.features.cache import GroupSettings, Rows
+from xfeat.features.writer import CacheWriter
 from xfeat.scale.dask import dask_executor
 from xfeat.scale.torchrun import shard_of
 from xfeat.learn.evaluation import configurations, evaluate

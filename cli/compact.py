@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from xfeat_cli.common import add_common, say
-from xfeat.features.cache import compact
+from xfeat.features.writer import compact
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -54,7 +54,8 @@ def write_feature_cache(path: Path, X: np.ndarray, y, bundles, *, backbone="toy"
                         weights_kind="none", order=None) -> Path:
     """A real cache holding given features ([N, F, D]), written through the same writer xfeat extract uses; row
     i is image img<i> with content hash i, the rows written in ``order`` (default: as given)."""
-    from xfeat.features.cache import CacheWriter, GroupSettings, Rows
+    from xfeat.features.cache import GroupSettings, Rows
+    from xfeat.features.writer import CacheWriter
 
     n, flips, dim = X.shape
     settings = GroupSettings(backbone=backbone, method=method, input_height=8, input_width=8,

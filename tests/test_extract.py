@@ -21,7 +21,8 @@ import torch
 from conftest import random_image, stored, write_dataset
 from xfeat import load_features
 from xfeat.features.extractor import build_extractor
-from xfeat.features.cache import CacheError, CacheWriter, copy_cache
+from xfeat.features.cache import CacheError
+from xfeat.features.writer import CacheWriter, copy_cache
 from xfeat_cli.main import main
 from xfeat.convert.methods import convert
 from xfeat.features.extract import ExtractConfig, extract

@@ -16,8 +16,9 @@ from conftest import random_image, stored, write_dataset
 from xfeat.convert.folds import fold_windows
 from xfeat.convert.scan import scan_dataset
 from xfeat.convert.stats import pixel_histogram, window_stats
-from xfeat.features.cache import (FOLD_WINDOWS_UNAVAILABLE, CacheError, CacheWriter, fold_windows_of_cache,
+from xfeat.features.cache import (FOLD_WINDOWS_UNAVAILABLE, CacheError, fold_windows_of_cache,
                                   stored_window_histograms)
+from xfeat.features.writer import CacheWriter
 from xfeat.features.extract import ExtractConfig, extract
 from xfeat.io.dataset import find_images
 from xfeat_cli.main import main

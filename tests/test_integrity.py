@@ -14,7 +14,8 @@ import pytest
 
 from xfeat import load_features
 from xfeat.errors import XfeatWarning
-from xfeat.features.cache import CacheError, CacheWriter, Rows, copy_cache
+from xfeat.features.cache import CacheError, Rows
+from xfeat.features.writer import CacheWriter, copy_cache
 from xfeat_cli.main import main
 
 KEY = "features/resnet18/m2/64x32"
@@ -200,7 +201,7 @@ def test_a_full_disk_during_a_commit_is_one_line_and_loses_nothing(tmp_path, cle
     before = cache.read_bytes()
     segments_before = _files(Path(f"{cache}.segments"))
     first_half = _by_path(cache)
-    import xfeat.features.cache as cache_module
+    import xfeat.features.writer as cache_module
 
     def disk_full(self, path, index):
         with open(path, "wb") as fh:
@@ -230,7 +231,7 @@ def test_a_failed_write_inside_hdf5_is_one_line_too(tmp_path, clean, monkeypatch
     _, clean_cache = clean
     cache = _copy(clean_cache, tmp_path / "c.h5")
     before = cache.read_bytes()
-    import xfeat.features.cache as cache_module
+    import xfeat.features.writer as cache_module
 
     def no_space(*args, **kwargs):
         raise OSError("Can't synchronously write data (file write failed: errno = 28, error message = 'No space "
@@ -248,7 +249,7 @@ def test_a_failed_write_inside_hdf5_is_one_line_too(tmp_path, clean, monkeypatch
 def test_a_commit_that_cannot_create_its_temporary_names_the_folder(tmp_path, clean, monkeypatch):
     _, clean_cache = clean
     cache = _copy(clean_cache, tmp_path / "c.h5")
-    import xfeat.features.cache as cache_module
+    import xfeat.features.writer as cache_module
 
     def denied(self, path, index):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))

@@ -13,7 +13,8 @@ import pytest
 from conftest import write_feature_cache
 from xfeat import load_features
 from xfeat.errors import XfeatWarning
-from xfeat.features.cache import CacheError, CacheWriter, Rows, compact, copy_cache
+from xfeat.features.cache import CacheError, Rows
+from xfeat.features.writer import CacheWriter, compact, copy_cache
 from xfeat.features.segments import ids_of, row_ids, runs_of, split_ids
 from xfeat_cli.main import main
 

@@ -12,7 +12,8 @@ _HOMES = {
     "FeatureExtractor": "extractor", "build_extractor": "extractor", "extractor_from_state": "extractor",
     "prepare_model": "inference", "resolve_precision": "inference", "select_device": "inference",
     "ExtractConfig": "extract", "ExtractSummary": "extract",  # the function: xfeat.features.extract.extract
-    "FLIPS": "cache", "CacheError": "cache", "CacheWriter": "cache", "GroupSettings": "cache", "open_cache": "cache",
+    "FLIPS": "cache", "CacheError": "cache", "GroupSettings": "cache", "open_cache": "cache",
+    "CacheWriter": "writer", "compact": "writer", "copy_cache": "writer",
     "FeatureSet": "reading", "describe_cache": "reading", "fc1000": "reading", "list_groups": "reading",
     "load_features": "reading",
 }

@@ -29,7 +29,8 @@ from xfeat.features.extractor import build_extractor
 from xfeat.features.local import (Tapped, check_taps, local_params, local_stages, local_statistics, map_grid,
                                   patch_maps, patch_params)
 from xfeat.features.tiles import Tiling
-from xfeat.features.cache import FLIPS, CacheWriter, GroupSettings, Rows
+from xfeat.features.cache import FLIPS, GroupSettings, Rows
+from xfeat.features.writer import CacheWriter
 from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError

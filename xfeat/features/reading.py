@@ -14,11 +14,12 @@ import h5py
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from xfeat.features.cache import (FLIPS, SLAB_BYTES, CacheError, Damage, GroupSettings, bad_journal_batches,
+from xfeat.features.cache import (FLIPS, SLAB_BYTES, CacheError, Damage, GroupSettings,
                                   cache_bytes, cache_path, check_segments, damage_error, missing_segments_of,
                                   nonfinite_rows, open_cache, read_checked, scan_group, segment_count,
                                   stored_window_stats)
 from xfeat.errors import XfeatWarning
+from xfeat.features.writer import bad_journal_batches
 from xfeat.convert.stats import WindowStats
 
 LAYERS = ("pool", "fc1000", "local", "patches")
@@ -183,12 +184,10 @@ def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str, bundles: 
     if rows is not None:
         rows = np.asarray(rows)
         order = order[rows if rows.dtype == bool else rows.astype(np.intp)]
-    pool = _read_rows(cache, group[settings.data_name], order, flip)
-    broken = nonfinite_rows(pool)
-    if broken.any():  # they passed the checksum: computed so (the weights, or fp16 overflowing)
+    pool, broken = _read_rows(cache, group[settings.data_name], order, flip)
+    if broken:  # they passed the checksum: computed so (the weights, or fp16 overflowing)
         raise CacheError(f"{cache}: {key}/{settings.data_name}: non-finite features (NaN or inf) in "
-                         f"{int(broken.sum())} row(s), as computed; check the weights, or extract with "
-                         "--precision fp32")
+                         f"{broken} row(s), as computed; check the weights, or extract with --precision fp32")
     if layer == "fc1000":
         if pool.shape[-1] != fc_weight.shape[1]:
             raise CacheError(f"{cache}: {key}: the pooled tap joins tiles ({settings.tile_combine}), which the "
@@ -202,14 +201,17 @@ def _read_layer(f: h5py.File, cache, key: str, layer: str, flips: str, bundles: 
         fc_bias=fc_bias)
 
 
-def _read_rows(cache, ds: h5py.Dataset, order: np.ndarray, flip: int | None) -> np.ndarray:
+def _read_rows(cache, ds: h5py.Dataset, order: np.ndarray, flip: int | None) -> tuple[np.ndarray, int]:
     """``ds[order]`` (one flip's column with ``flip``), read slab by slab straight into the array returned,
-    every chunk checked; slabs holding none of the rows are not read."""
+    every chunk checked, and the number of rows holding a NaN or an infinity (checked slab by slab too: a
+    whole-array check would take a quarter of the array's memory again); slabs holding none of the rows are
+    not read."""
     shape = ds.shape[1:] if flip is None else ds.shape[2:]
     vectors = ds.name.rsplit("/", 1)[-1] != "patches"  # float16-stored vectors are returned as float32, as always
     out = np.empty((len(order), *shape), dtype=np.float32 if vectors else ds.dtype)
+    broken = 0
     if not len(order):
-        return out
+        return out, broken
     row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
     step = ds.chunks[0] if ds.chunks else 16
     slab = max(step, SLAB_BYTES // row_bytes // step * step)
@@ -226,9 +228,11 @@ def _read_rows(cache, ds: h5py.Dataset, order: np.ndarray, flip: int | None) -> 
                                               a + np.flatnonzero(unreadable))])
         picked = wanted[i:j] - a
         whole = len(picked) == len(block) and bool((picked == np.arange(len(block))).all())
-        out[where[i:j]] = block if whole else block[picked]  # all of a slab: no gather
+        rows = block if whole else block[picked]  # all of a slab: no gather
+        broken += int(nonfinite_rows(rows).sum())
+        out[where[i:j]] = rows
         i = j
-    return out
+    return out, broken
 
 
 @dataclass(frozen=True)

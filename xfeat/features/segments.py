@@ -111,7 +111,7 @@ class Index:
         """Every segment the index reads from."""
         used = {s for s, _ in self.fixed.values()}
         for g in self.groups.values():
-            used.update(np.unique(split_ids(g.ids)[0]).tolist())
+            used.update(np.unique(runs_of(g.ids)[:, 0]).tolist())  # runs first: linear, then a few values
             used.update(s for s, _ in g.fixed.values())
         return used
 
@@ -126,45 +126,47 @@ def _fill(dtype: np.dtype):
     return np.nan if dtype.kind == "f" else -1 if dtype.kind == "i" else None
 
 
-def _create_virtual(parent: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                    mappings: list[tuple[tuple[int, ...], tuple[int, ...], str, str, tuple[int, ...], tuple[int, ...]]],
-                    attrs: dict) -> None:
-    """A virtual dataset from (destination start, count, source file, source dataset, source shape, source start)
-    mappings, through h5py's low-level API: its high-level ``VirtualLayout`` costs ~10x more per mapping."""
+Spaces = list[tuple[h5py.h5s.SpaceID, str, h5py.h5s.SpaceID]]  # (virtual selection, source file, source selection)
+
+
+def _create_virtual(parent: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, spaces: Spaces,
+                    source_dataset: str, attrs: dict) -> None:
+    """A virtual dataset mapping each virtual selection to the selection of ``source_dataset`` in its file,
+    through h5py's low-level API (its high-level ``VirtualLayout`` costs ~10x more per mapping)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     fill = _fill(dtype)
     if fill is not None:
         dcpl.set_fill_value(np.array([fill], dtype=dtype))
+    dataset = source_dataset.encode()
+    for selected, file_name, source in spaces:
+        dcpl.set_virtual(selected, file_name.encode(), dataset, source)
     space = h5py.h5s.create_simple(shape, shape)
-    for start, count, file_name, dataset, source_shape, source_start in mappings:
-        selected = space.copy()
-        selected.select_hyperslab(start, count)
-        source = h5py.h5s.create_simple(source_shape, source_shape)
-        source.select_hyperslab(source_start, count)
-        dcpl.set_virtual(selected, file_name.encode(), dataset.encode(), source)
     h5py.h5d.create(parent.id, name.encode(), h5py.h5t.py_create(dtype, logical=True), space, dcpl=dcpl)
     parent[name].attrs.update(attrs)
 
 
-def _virtual(parent: h5py.Group, name: str, cache_name: str, source_key: str, runs: np.ndarray, n: int,
-             shape: DatasetShape) -> None:
-    """A virtual dataset of ``n`` rows taking each run of rows from its segment's dataset ``source_key``."""
-    zeros = (0,) * len(shape.trailing)
-    mappings, at = [], 0
+def _run_spaces(cache_name: str, runs: np.ndarray, n: int, trailing: tuple[int, ...]) -> Spaces:
+    """The dataspace selections of every run, for rows of shape ``trailing``: built once per row shape and
+    shared by the datasets of a group (the metadata columns all have the same)."""
+    zeros = (0,) * len(trailing)
+    space = h5py.h5s.create_simple((n, *trailing), (n, *trailing))
+    spaces, at = [], 0
     for segment, first, count in runs.tolist():
-        mappings.append(((at, *zeros), (count, *shape.trailing), _source_name(cache_name, segment), source_key,
-                         (first + count, *shape.trailing), (first, *zeros)))
+        selected = space.copy()
+        selected.select_hyperslab((at, *zeros), (count, *trailing))
+        source = h5py.h5s.create_simple((first + count, *trailing), (first + count, *trailing))
+        source.select_hyperslab((first, *zeros), (count, *trailing))
+        spaces.append((selected, _source_name(cache_name, segment), source))
         at += count
-    _create_virtual(parent, name, (n, *shape.trailing), shape.dtype, mappings, shape.attrs)
+    return spaces
 
 
 def _virtual_whole(parent: h5py.Group, name: str, cache_name: str, source_key: str, segment: int,
                    shape: DatasetShape) -> None:
     """A virtual dataset that is one whole dataset of one segment (fc_weight, window_histograms)."""
     full = tuple(shape.trailing)
-    zeros = (0,) * len(full)
-    _create_virtual(parent, name, full, shape.dtype,
-                    [(zeros, full, _source_name(cache_name, segment), source_key, full, zeros)], shape.attrs)
+    spaces = [(h5py.h5s.create_simple(full, full), _source_name(cache_name, segment), h5py.h5s.create_simple(full, full))]
+    _create_virtual(parent, name, full, shape.dtype, spaces, source_key, shape.attrs)
 
 
 def write_index(f: h5py.File, index: Index, cache_name: str) -> None:
@@ -182,8 +184,13 @@ def write_index(f: h5py.File, index: Index, cache_name: str) -> None:
         ds.attrs["description"] = (f"the current rows: row i of every per-image dataset here is a row of a segment "
                                    f"{cache_name}{SEGMENTS_SUFFIX}/NNNNNN.h5; each line (segment, first row, rows) "
                                    "gives the next rows in order")
+        spaces: dict[tuple[int, ...], Spaces] = {}
         for name, shape in g.datasets.items():
-            _virtual(group, name, cache_name, f"{key}/{name}", runs, len(g.ids), shape)
+            trailing = tuple(shape.trailing)
+            if trailing not in spaces:
+                spaces[trailing] = _run_spaces(cache_name, runs, len(g.ids), trailing)
+            _create_virtual(group, name, (len(g.ids), *trailing), shape.dtype, spaces[trailing], f"{key}/{name}",
+                            shape.attrs)
         for name, (segment, shape) in g.fixed.items():
             _virtual_whole(group, name, cache_name, f"{key}/{name}", segment, shape)
 

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from xfeat.features.extractor import build_extractor
-from xfeat.features.cache import CacheError, CacheWriter, GroupSettings, Rows, open_cache
+from xfeat.features.cache import CacheError, GroupSettings, Rows, open_cache
+from xfeat.features.writer import CacheWriter
 from xfeat.io.dataset import Dataset, ImageRecord, find_images
 from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.features.extract import ExtractConfig, ExtractSummary, Work, extract, plan_extraction
