@@ -188,3 +188,71 @@ def test_a_subset_reads_as_the_whole_would_give_it(tmp_path):
         np.testing.assert_array_equal(some.X, whole.select(rows).X)
         assert some.paths.tolist() == whole.select(rows).paths.tolist()
     np.testing.assert_array_equal(load_features(cache, "toy", "m2", bundles=["B2"], rows=[1]).X, part.X[[1]])
+
+
+def _many_commits(cache: Path, commits: int) -> None:
+    """``commits`` commits of one new image each, in one run (as an extraction commits every few minutes)."""
+    with CacheWriter(cache) as writer:
+        for k in range(commits):
+            writer.add({KEY: _rows([f"img{k:03d}"], float(k))})
+            writer.commit()
+
+
+def test_index_blocks_keep_the_index_small_and_read_as_the_segments(tmp_path):
+    cache = _cache(tmp_path)
+    _many_commits(cache, 140)  # segments 1..140 after the converted one: blocks 0 and 1 are complete
+    folder = Path(f"{cache}.segments")
+    assert sorted(p.name for p in folder.glob("block-*.h5")) == ["block-000000.h5", "block-000001.h5"]
+    with CacheWriter(cache) as writer:  # relabel an image inside block 0: its row leaves the block's run
+        writer.add({KEY: Rows(None, ["/data/img010.tif"], ["img010.tif"], ["B9"], [1], None, None, None)})
+    with h5py.File(cache, "r") as f:
+        sources = {Path(s.file_name).name for s in f[f"{KEY}/pool"].virtual_sources()}
+        assert f.attrs["index_blocks"].tolist() == [0, 1]
+    assert {"block-000000.h5", "block-000001.h5"} <= sources and len(sources) < 20
+    paths = _plain(cache, "path").tolist()
+    assert len(paths) == len(set(paths)) == 6 + 140
+    pool = _plain(cache, "pool")[:, 0, 0]
+    for k in (0, 63, 64, 139):
+        assert pool[paths.index(f"/data/img{k:03d}.tif")] == k
+    assert _plain(cache, "bundle")[paths.index("/data/img010.tif")] == "B9"
+    fs = load_features(cache, "toy", "m2")
+    assert sorted(fs.paths.tolist()) == sorted(paths) and np.isfinite(fs.X).all()
+
+
+def test_a_missing_block_is_named_and_the_next_write_rebuilds_it_without_losing_rows(tmp_path):
+    cache = _cache(tmp_path)
+    _many_commits(cache, 70)
+    before = load_features(cache, "toy", "m2")
+    block = Path(f"{cache}.segments/block-000000.h5")
+    block.unlink()
+    with pytest.raises(CacheError, match=r"block-000000\.h5 is missing or not an HDF5 file.*row\(s\)"):
+        load_features(cache, "toy", "m2")
+    with CacheWriter(cache):  # nothing to add: the index is written again, the block rebuilt from the segments
+        pass
+    assert block.exists()
+    after = load_features(cache, "toy", "m2")
+    np.testing.assert_array_equal(after.X, before.X)
+    assert after.paths.tolist() == before.paths.tolist()
+
+
+def test_a_block_of_an_index_that_never_got_in_place_is_removed(tmp_path):
+    cache = _cache(tmp_path)
+    _many_commits(cache, 3)
+    stray = Path(f"{cache}.segments/block-000007.h5")
+    stray.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with CacheWriter(cache):
+        pass
+    assert not stray.exists()
+    assert len(load_features(cache, "toy", "m2").X) == 6 + 3
+
+
+def test_compact_and_copy_keep_the_rows_read_through_blocks(tmp_path):
+    cache = _cache(tmp_path)
+    _many_commits(cache, 66)
+    expected = load_features(cache, "toy", "m2")
+    copy = copy_cache(cache, tmp_path / "copy.h5")
+    assert Path(f"{copy}.segments/block-000000.h5").exists()
+    np.testing.assert_array_equal(load_features(copy, "toy", "m2").X, expected.X)
+    compact(cache)
+    assert not Path(f"{cache}.segments").exists()
+    np.testing.assert_array_equal(load_features(cache, "toy", "m2").X, expected.X)

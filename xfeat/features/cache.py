@@ -38,7 +38,8 @@ import numpy as np
 from xfeat.errors import XfeatError
 from xfeat.convert.folds import FoldWindows, fold_windows, window_like
 from xfeat.convert.stats import N_LEVELS, WindowStats
-from xfeat.features.segments import RUNS, Index, missing_segments, read_index, recorded_folder, segment_folder
+from xfeat.features.segments import (BLOCK, RUNS, Index, block_numbers, missing_blocks, missing_segments, read_index,
+                                     recorded_folder, segment_folder)
 
 FORMAT = "xfeat.features"
 FORMAT_VERSION = 3  # 2: local and patches taps, tiles; 3: the segment layout (docs/cache-format.md)
@@ -189,7 +190,7 @@ def open_cache(path: str | os.PathLike[str]) -> h5py.File:
     try:
         _check_format(f, path)
         if is_segmented(f):
-            segments = len(_read_index_runs(f))
+            segments = len(_read_index_runs(f)) + len(block_numbers(f))
             if not _allow_open_files(segments + 64):
                 raise CacheError(f"{path}: its {segments} segments are more files than this process may open; "
                                  "raise the limit (ulimit -n) or run xfeat compact on it")
@@ -585,7 +586,13 @@ def missing_segments_of(group: h5py.Group) -> list[tuple[Path, int]]:
     for name in ("fc_weight", "fc_bias"):
         if name in group and group[name].is_virtual:
             counts.setdefault(int(Path(group[name].virtual_sources()[0].file_name).stem), 0)
-    return [(path, counts[int(path.stem)]) for path in missing_segments(recorded_folder(group.file), set(counts))]
+    folder = recorded_folder(group.file)
+    lost = [(path, counts[int(path.stem)]) for path in missing_segments(folder, set(counts))]
+    for number, path in missing_blocks(folder, block_numbers(group.file)):
+        rows = int(runs[runs[:, 0] // BLOCK == number, 2].sum())
+        if rows:
+            lost.append((path, rows))
+    return lost
 
 
 def check_segments(cache: str | os.PathLike[str], group: h5py.Group) -> None:

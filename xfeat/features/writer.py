@@ -36,8 +36,9 @@ from xfeat.features.cache import (FEATURE_DATASETS, FORMAT, FORMAT_VERSION, LAYO
                                   cache_path, check_segments, damage_error, data_name, is_segmented,
                                   lacks_checksums, missing_segments_of, open_cache, read_checked, scan_group,
                                   stored_window_stats, _decoded)
-from xfeat.features.segments import (DatasetShape, GroupIndex, Index, ids_of, missing_segments, recorded_folder, row_ids,
-                                     segment_file, segment_folder, segment_numbers, split_ids, write_index)
+from xfeat.features.segments import (BLOCK, DatasetShape, GroupIndex, Index, block_file, block_numbers, ids_of,
+                                     missing_segments, recorded_folder, row_ids, segment_file, segment_folder,
+                                     segment_numbers, split_ids, write_block, write_index)
 from xfeat.io.atomic import atomic_write, replacing
 
 
@@ -75,6 +76,7 @@ class CacheWriter:
         self._index: Index | None = None  # loaded at the first write
         self._keys: dict[str, _GroupKeys] = {}  # per group: the current rows' ids by path and by content
         self._next_segment: int | None = None
+        self._rewrite_index = False  # an index block it reads is missing or damaged: write the index again
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
@@ -123,15 +125,21 @@ class CacheWriter:
         if not self.segments.exists():
             return
         used: set[int] = set()
+        blocks: list[int] = []
         if self.path.exists():
             with open_cache(self.path) as f:
                 if is_segmented(f):
-                    used = _read_index(f).segments()
+                    index = _read_index(f)
+                    used, blocks = index.segments(), block_numbers(f)
+                    self._rewrite_index = set(blocks) != set(index.blocks)
         for stale in self.segments.glob(".*.tmp"):
             stale.unlink()
         for number in segment_numbers(self.path):
             if number not in used:
                 segment_file(self.path, number).unlink()
+        for stale in self.segments.glob("block-*.h5"):  # blocks of an index that never got in place
+            if not stale.stem[6:].isdigit() or int(stale.stem[6:]) not in blocks:
+                stale.unlink()
         if not used and not any(self.segments.iterdir()):
             self.segments.rmdir()
 
@@ -263,7 +271,7 @@ class CacheWriter:
         images are recomputed by the next run) and never blocks the others; rows found damaged leave the index.
         """
         batches = self._journal_files()
-        if not batches and not self._damaged and not self._damaged_ids:
+        if not batches and not self._damaged and not self._damaged_ids and not self._rewrite_index:
             return
         with self._writing():
             index = self._writable_index()
@@ -440,6 +448,7 @@ class CacheWriter:
             with replacing(segment_file(self.path, number)) as tmp:
                 segment.write(tmp, index)
             self._next_segment += 1
+        self._seal_blocks(index)
         for key, gone in superseded.items():
             if len(gone):
                 g = index.groups[key]
@@ -469,6 +478,33 @@ class CacheWriter:
                 write_index(f, index, self.path.name)
         self._damaged.clear()
         self._damaged_ids.clear()
+        self._rewrite_index = False
+
+    def _seal_blocks(self, index: Index) -> None:
+        """Write an index block for every run of ``BLOCK`` segments that all exist and has none yet: from now on
+        the index maps their rows through it (a block is written before the index that reads it, so a kill
+        between the two leaves a block that the next run removes)."""
+        for number in range(self._next_segment // BLOCK):
+            if number in index.blocks:
+                continue
+            layout = self._block_layout(number, index)
+            if layout:
+                with replacing(block_file(self.path, number)) as tmp, h5py.File(tmp, "w") as f:
+                    write_block(f, number, layout, index)
+                index.blocks[number] = layout
+
+    def _block_layout(self, number: int, index: Index) -> dict[str, np.ndarray]:
+        """Per group, (segment, rows) of the segments of block ``number`` that hold rows of it."""
+        layout: dict[str, list[tuple[int, int]]] = {}
+        for segment in range(number * BLOCK, (number + 1) * BLOCK):
+            path = segment_file(self.path, segment)
+            if not path.exists():  # left entirely superseded: none of its rows is current
+                continue
+            with h5py.File(path, "r") as f:
+                for key in index.groups:
+                    if key in f and "path" in f[key]:
+                        layout.setdefault(key, []).append((segment, f[key]["path"].shape[0]))
+        return {key: np.array(rows, np.int64) for key, rows in layout.items()}
 
     def _journal_files(self) -> list[Path]:
         if not self.journal.exists():
