@@ -56,7 +56,7 @@ POOL_CHUNK_ROWS = 16
 META_CHUNK_ROWS = 256
 MIN_TEXT_WIDTH = 64  # bytes; a wider value widens the dataset (to a power of two, always leaving one pad byte)
 SLAB_BYTES = 64 << 20  # checked reads go slab by slab: a large pool is verified without being held in memory
-CHUNK_CACHE_BYTES = 1 << 20  # per file HDF5 opens for a read, segments included
+CHUNK_CACHE_BYTES = 0  # per file HDF5 opens for a read, segments included: reads go whole chunks, slab by slab
 REPAIR_HINT = "run xfeat extract again to recompute, or xfeat info --verify"
 _READ_ERRORS = (OSError, RuntimeError, ValueError)  # what h5py raises for a chunk or heap it cannot read
 
@@ -182,8 +182,9 @@ def open_cache(path: str | os.PathLike[str]) -> h5py.File:
     if not path.exists():
         raise CacheError(f"{path}: no such cache file")
     try:
-        # A small chunk cache: HDF5 gives every file a virtual dataset opens (each segment) its own, 8 MiB by
-        # default, which a read across a thousand segments would multiply into gigabytes.
+        # No chunk cache: HDF5 gives every file a virtual dataset opens (each segment) its own, 8 MiB by default,
+        # which a read across a thousand segments would multiply into gigabytes; xfeat's reads take whole chunks
+        # (measured at 200,000 rows: peak 1.37x the array with none, 1.49x with 1 MiB, and faster).
         f = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as e:
         raise CacheError(f"{path}: not a readable HDF5 file ({e})") from None
