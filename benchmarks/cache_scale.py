@@ -18,6 +18,21 @@ one commit of the same rows is timed the old way (copy, append, fsync, rename), 
                                      [--old-upto 100000] [--workdir DIR]
 
 ``--workdir`` must hold rows x methods x 20 KB (plus the single-file copies up to ``--old-upto``).
+
+Measured (2-core AMD EPYC, AVX2, no AVX-512/AMX; local SSD; one run, 2026-12-03):
+
+       images  commit s  written MB  index KB  cache GB  old design commit s  load_features of one method
+        10000     0.125        21.0      30.5      0.21                 0.45  0.1 s
+        20000     0.103        21.0      50.3      0.42                 0.87
+        50000     0.111        21.0      77.3      1.05                 1.96
+       100000     0.110        21.0      68.1      2.10                 3.64  1.3 s, peak 1.37 x the array (0.51 GB)
+       200000     0.121        21.0      36.7      4.20                    -
+       500000     0.142        21.1      99.6     10.49                    -
+      1000000     0.122        21.1     107.3     20.97                    -  15.1 s, peak 1.34 x the array (5.12 GB)
+
+The commit at a million images costs 0.98x the commit at 10,000 (the old design's grew 8x from 10,000 to
+100,000 images, linearly with the file); the index stays near 100 KB because index blocks fold every 64
+segments into one mapping. (At 10,000 rows the peak is 2.06x of a 0.05 GB array: fixed costs.)
 """
 
 from __future__ import annotations
