@@ -61,7 +61,7 @@ BAD_FILES = {
                        "unreadable or truncated TIFF"),
     "truncated PNG": ("bad.png", lambda p: (_png(p, random_image(1, (64, 64))), _truncate(p)),
                       "unreadable or truncated PNG"),
-    "text named .png": ("bad.png", lambda p: p.write_text("hello"), "not a TIFF or PNG image"),
+    "text named .png": ("bad.png", lambda p: p.write_text("hello"), "not a TIFF, PNG, JPEG or BMP image"),
     "empty file": ("bad.tif", lambda p: p.write_bytes(b""), "empty file"),
     "float TIFF": ("bad.tif", lambda p: _tiff(p, np.ones((8, 8), np.float32)), "unsupported pixel type float32"),
     "int32 TIFF": ("bad.tif", lambda p: _tiff(p, np.ones((8, 8), np.int32)), "unsupported pixel type int32"),

@@ -7,12 +7,19 @@
 * ``equalize``: histogram equalisation inside the global window, with the dataset's histogram, so one
   pixel value maps to one output value in every image (as in m2).
 * ``clahe``: OpenCV's contrast-limited adaptive equalisation of the m2 image.
+* ``rgb``: the colour method, for colour photos (the ResNet-50 + SVM paper's): the 8-bit R, G, B channels as
+  they are, the ImageNet way. A 16-bit colour image gets a window per channel (each channel stretched by its
+  own 0.01th..99.99th percentiles, m3 per channel); a gray image is replicated to three channels (m1).
+
+Colour images under a gray method are converted to their luminance first, ITU-R BT.601
+``Y = 0.299 R + 0.587 G + 0.114 B`` rounded to the image's depth (OpenCV's ``COLOR_RGB2GRAY``), so the windows
+and the dataset's histogram are those of the luminance.
 
 The stretch is ``round((clip(x, lo, hi) - lo) / (hi - lo) * 255)``. The paper prints it without
 subtracting the minimum and with a factor 256, which overflows ``uint8``; this is the intended stretch.
 
 Every method returns ``uint8``: 2-D for the gray methods (the network sees it replicated to three equal
-channels) and ``H x W x 3`` for ``m4``.
+channels) and ``H x W x 3`` for ``m4`` and ``rgb``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import numpy as np
 from xfeat.errors import XfeatError
 from xfeat.convert.stats import N_LEVELS, WindowStats, histogram_percentile, pixel_histogram
 
-METHODS = ("m1", "m2", "m3", "m4", "equalize", "clahe")
+METHODS = ("m1", "m2", "m3", "m4", "equalize", "clahe", "rgb")
+COLOUR_METHODS = frozenset({"rgb"})  # take a colour image's channels; the others its luminance
 NEEDS_STATS = frozenset({"m2", "m4", "equalize", "clahe"})
 LOCAL_PERCENTILES = (0.01, 99.99)
 CLAHE_CLIP_LIMIT = 2.0
@@ -79,14 +87,43 @@ def clahe(image: np.ndarray, stats: WindowStats) -> np.ndarray:
     return cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES).apply(global_window(image, stats))
 
 
+def rgb(image: np.ndarray) -> np.ndarray:
+    """rgb: an H x W x 3 uint8 image of a colour image's channels (a window per channel at 16 bits); a gray
+    image replicated (m1)."""
+    if image.ndim == 2:
+        return to_rgb(naive(image))
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    return np.dstack([local_window(image[:, :, c]) for c in range(3)])
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """The BT.601 luminance of an H x W x 3 RGB image, at its depth (uint8 or uint16)."""
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+
+
+def gray_of(image: np.ndarray) -> np.ndarray:
+    """What a gray method converts: the image itself, one channel of a colour-typed gray image (equal channels:
+    exact), or a colour image's luminance."""
+    if image.ndim == 2:
+        return image
+    if np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2]):
+        return np.ascontiguousarray(image[:, :, 0])
+    return luminance(image)
+
+
 _CONVERTERS: dict[str, Callable[..., np.ndarray]] = {
     "m1": naive, "m2": global_window, "m3": local_window, "m4": mix, "equalize": equalize, "clahe": clahe,
+    "rgb": rgb,
 }
 
 
 def convert(image: np.ndarray, method: str, stats: WindowStats | None = None) -> np.ndarray:
-    """Convert a 2-D 8/16-bit image with a method of ``METHODS``; m2, m4, equalize and clahe need ``stats``."""
+    """Convert an 8/16-bit image (2-D gray, or H x W x 3 RGB) with a method of ``METHODS``; m2, m4, equalize and
+    clahe need ``stats``; a gray method converts a colour image's luminance."""
     check_method(method)
+    if method not in COLOUR_METHODS:
+        image = gray_of(image)
     if method in NEEDS_STATS:
         if stats is None:
             raise XfeatError(f"method {method} needs the dataset's window statistics")

@@ -28,7 +28,7 @@ from xfeat.io.manifest import manifest_path, read_manifest
 
 LABELS = {"normal": 0, "good": 0, "0": 0, "abnormal": 1, "defect": 1, "1": 1}
 LABEL_NAMES = ("normal", "abnormal")
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MANIFEST_COLUMNS = ("path", "bundle", "label")
 # Files that operating systems drop into folders; never images, never worth an error.
 OS_CLUTTER = {"thumbs.db", "desktop.ini"}
@@ -131,7 +131,7 @@ def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[Sk
             label = LABELS[label_dir.name.lower()]
             for path in _visible(_files_below(label_dir)):
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    problem = "not an image file (expected .tif, .tiff or .png)"
+                    problem = "not an image file (expected .tif, .tiff, .png, .jpg, .jpeg or .bmp)"
                     if not skip_bad:
                         raise DataError(path, problem)
                     skipped.append(Skipped(str(path), problem))
@@ -193,7 +193,7 @@ def _one_per_file(entries: Sequence[_Entry]) -> list[ImageRecord]:
 
 
 def image_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Every visible .tif, .tiff or .png file below a folder, sorted (no layout expected)."""
+    """Every visible image file below a folder (by suffix: .tif, .png, .jpg, .bmp, ...), sorted (no layout)."""
     return [p for p in _visible(_files_below(Path(folder))) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 

@@ -62,7 +62,7 @@ class Prediction:
 
 
 def gather_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[InputImage]:
-    """Files as given, every image below a folder (.tif, .tiff, .png), and the rows of ``.csv`` manifests
+    """Files as given, every image below a folder (``image_files``), and the rows of ``.csv`` manifests
     (a ``path`` column; ``bundle`` and ``label`` kept when present). A path listed twice is scored once."""
     found: dict[Path, InputImage] = {}
     for source in map(Path, inputs):
