@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from xfeat_cli.common import add_common, add_max_pixels, progress_bar, say
-from xfeat.convert.methods import METHODS, NEEDS_STATS, check_method
+from xfeat.convert.methods import METHODS, NEEDS_STATS, check_method, gray_of
 from xfeat.io.dataset import find_images
 from xfeat.errors import XfeatError
 from xfeat.convert.export import preview_panel, write_converted, write_png, write_skipped_report
-from xfeat.io.images import read_image
+from xfeat.io.images import load_native
 from xfeat.io.outputs import check_output, data_roots_of, manifest_input
 from xfeat.convert.scan import scan_dataset
 from xfeat.convert.stats import WindowStats, pixel_histogram, window_stats
@@ -82,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     check_output(args.out, create_folders=True,
                  inputs=[(args.preview, "the image this command previews"), (args.stats, STATS_INPUT)])
-    image = read_image(args.preview, max_pixels=args.max_pixels)
+    image = load_native(args.preview, max_pixels=args.max_pixels).pixels
     if args.stats:
         stats, source = WindowStats.load(args.stats), args.stats
     else:
         depth = image.dtype.itemsize * 8
-        stats = window_stats(pixel_histogram(image), n_images=1, bit_depth=depth,
+        stats = window_stats(pixel_histogram(gray_of(image)), n_images=1, bit_depth=depth,
                              round_to=None if args.no_round else 100)
         source = "this image alone (give --stats for the dataset's)"
     write_png(args.out, preview_panel(image, stats))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from xfeat_cli.common import add_common, add_max_pixels, names_arg, non_negative_int, positive_int, progress_bar, say, size_arg
-from xfeat.convert.methods import METHODS
+from xfeat.convert.methods import COLOUR_METHODS, METHODS
 from xfeat.convert.stats import WindowStats
 from xfeat.io.images import megapixels
 from xfeat.io.outputs import check_output, data_roots_of, manifest_input
@@ -111,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for s in summary.skipped:
         say(f"xfeat: warning: skipped {s.path}: {s.problem}")
+    gray = [m for m in config.methods if m not in COLOUR_METHODS]
+    if summary.colour and gray:
+        say(f"xfeat: note: {args.data} holds colour images: {', '.join(gray)} converted each one's luminance "
+            "(0.299 R + 0.587 G + 0.114 B); --methods rgb takes the colour channels")
     if config.weights == "none":
         say("xfeat: warning: random weights (--weights none): these features carry no ImageNet knowledge")
     if args.quiet:

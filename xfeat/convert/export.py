@@ -20,7 +20,7 @@ import numpy as np
 from xfeat.convert.methods import METHODS, convert, to_rgb
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, warn_leaks
 from xfeat.errors import DataError, XfeatError
-from xfeat.io.images import MAX_PIXELS, load_image
+from xfeat.io.images import MAX_PIXELS, load_native
 from xfeat.io.atomic import atomic_write, write_bytes
 from xfeat.io.parallel import map_chunks
 from xfeat.convert.scan import scan_dataset
@@ -52,7 +52,7 @@ def _convert_chunk(work: Sequence[tuple[Path, Path, str, WindowStats | None]], *
     results = []  # (sha256, problem) per image
     for source, target, method, stats in work:
         try:
-            image = load_image(source, max_pixels=max_pixels)
+            image = load_native(source, max_pixels=max_pixels)
             try:
                 converted = convert(image.pixels, method, stats)
             except XfeatError as e:

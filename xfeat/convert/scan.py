@@ -4,8 +4,10 @@ Reading every image once gives what the conversions need (a 65,536-bin histogram
 dataset's, in memory that grows with the bundles, not the images) and what caches and leak checks need (the
 SHA-256 of every file), in worker processes. Keeping one histogram per bundle costs 512 KiB a bundle and
 tells what each leave-one-bundle-out fold's window would be without its held-out bundle (``convert.folds``).
-A pass that does not decode still reads each header: the pixel limit and the one-depth rule hold for every
-method.
+A pass that does not decode still reads each header: the pixel limit, the one-depth rule and the one-kind rule
+hold for every method. One kind: a dataset is gray or colour. A colour-typed file whose channels are equal
+(gray saved as RGB) goes with either; true colour images beside gray-typed ones are one error, since a gray
+image among colour photos (or a colour one among X-rays) is almost always a wrong file.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped
 from xfeat.errors import DataError
 from xfeat.io.hashing import file_sha256
-from xfeat.io.images import MAX_PIXELS, load_image, read_header
+from xfeat.io.images import MAX_PIXELS, load_native, read_header
 from xfeat.io.parallel import map_chunks
 from xfeat.convert.folds import FoldWindows, fold_windows
+from xfeat.convert.methods import gray_of
 from xfeat.convert.stats import N_LEVELS, WindowStats, pixel_histogram, window_stats
 
 
@@ -34,6 +37,7 @@ class ScannedImage:
     width: int = 0
     bit_depth: int = 0
     problem: str = ""
+    kind: str = "gray"  # "gray" (a gray-typed file), "colour" (true colour), "gray-as-colour" (equal channels)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Scan:
     bit_depth: int
     skipped: tuple[Skipped, ...]
     bundle_histograms: dict[str, np.ndarray] = field(default_factory=dict)  # bundle -> its images' histogram
+    colour: bool = False  # true colour images: colour methods take their channels, gray ones their luminance
 
     def window_stats(self, *, low: float = 0.01, high: float = 99.99, round_to: int | None = 100) -> WindowStats:
         if not self.histogram.any():
@@ -71,11 +76,12 @@ def _hash_chunk(records: Sequence[ImageRecord], *, hashes: bool = True, max_pixe
     for path in (r.path for r in records):
         try:
             header = read_header(path, max_pixels=max_pixels)
-            height, width, depth = header.height, header.width, header.bit_depth
-            if not depth:  # a colour-typed file: only decoding tells gray (kept, at its depth) from colour (refused)
-                pixels = load_image(path, max_pixels=max_pixels).pixels
-                (height, width), depth = pixels.shape, pixels.dtype.itemsize * 8
-            scanned.append(ScannedImage(file_sha256(path) if hashes else "", height, width, depth))
+            height, width, depth, kind = header.height, header.width, header.bit_depth, "gray"
+            if header.channels > 1:  # a colour-typed file: only decoding tells gray saved as colour from colour
+                pixels = load_native(path, max_pixels=max_pixels).pixels
+                height, width = pixels.shape[:2]
+                depth, kind = pixels.dtype.itemsize * 8, _kind(pixels, header.channels)
+            scanned.append(ScannedImage(file_sha256(path) if hashes else "", height, width, depth, kind=kind))
         except DataError as e:
             scanned.append(ScannedImage(problem=e.problem))
         except OSError as e:
@@ -90,16 +96,21 @@ def _scan_chunk(records: Sequence[ImageRecord], *, max_pixels: int = MAX_PIXELS
     scanned = []
     for record in records:
         try:
-            image = load_image(record.path, max_pixels=max_pixels)
+            image = load_native(record.path, max_pixels=max_pixels)
         except DataError as e:
             scanned.append(ScannedImage(problem=e.problem))
             continue
         if record.bundle not in hists:
             hists[record.bundle] = np.zeros(N_LEVELS, dtype=np.int64)
-        hists[record.bundle] += pixel_histogram(image.pixels)
-        h, w = image.pixels.shape
-        scanned.append(ScannedImage(image.sha256, h, w, image.pixels.dtype.itemsize * 8))
+        hists[record.bundle] += pixel_histogram(gray_of(image.pixels))  # what the gray methods window
+        h, w = image.pixels.shape[:2]
+        scanned.append(ScannedImage(image.sha256, h, w, image.pixels.dtype.itemsize * 8,
+                                    kind=_kind(image.pixels, image.channels)))
     return hists, scanned
+
+
+def _kind(pixels: np.ndarray, channels: int) -> str:
+    return "colour" if pixels.ndim == 3 else "gray-as-colour" if channels > 1 else "gray"
 
 
 def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = False, decode: bool = True,
@@ -142,8 +153,13 @@ def scan_dataset(dataset: Dataset, *, jobs: int | None = None, skip_bad: bool = 
         first = {s.bit_depth: r.path for r, s in reversed(kept)}
         raise DataError(dataset.source, f"mixes 8-bit and 16-bit images (e.g. {first[8]} and {first[16]}); "
                                         "convert them to one depth first")
+    kinds = {s.kind: r.path for r, s in reversed(kept)}
+    if "colour" in kinds and "gray" in kinds:
+        raise DataError(dataset.source, f"mixes gray and colour images (e.g. {kinds['gray']} and {kinds['colour']}); "
+                                        "a dataset is read as all gray or all colour: move the odd ones out")
     hist = np.zeros(N_LEVELS, dtype=np.int64)
     for bundle_hist in bundle_hists.values():
         hist += bundle_hist
     return Scan(records=tuple(r for r, _ in kept), images=tuple(s for _, s in kept), histogram=hist,
-                bit_depth=depths.pop(), skipped=tuple(skipped), bundle_histograms=bundle_hists)
+                bit_depth=depths.pop(), skipped=tuple(skipped), bundle_histograms=bundle_hists,
+                colour="colour" in kinds)

@@ -34,7 +34,7 @@ from xfeat.features.writer import CacheWriter
 from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError
-from xfeat.io.images import MAX_PIXELS, load_image, megapixels
+from xfeat.io.images import MAX_PIXELS, load_native, megapixels
 from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
 from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
 from xfeat.convert.scan import Scan, scan_dataset
@@ -126,6 +126,7 @@ class ExtractSummary:
     groups: list[str] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    colour: bool = False  # the dataset holds colour images (gray methods took their luminance)
 
     @property
     def images_per_second(self) -> float:
@@ -174,17 +175,17 @@ class _ConvertedImages(TorchDataset):
     def __getitem__(self, i: int) -> dict:
         item = self.work[i]
         try:
-            image = load_image(item.record.path, max_pixels=self.max_pixels)
+            image = load_native(item.record.path, max_pixels=self.max_pixels)
             pixels = {m: _to_input(convert(image.pixels, m, self.stats), self.size) for m in item.methods}
         except XfeatError as e:
             problem = e.problem if isinstance(e, DataError) else str(e)
             return {"index": i, "problem": problem}
-        h, w = image.pixels.shape
+        h, w = image.pixels.shape[:2]
         return {"index": i, "problem": "", "sha256": image.sha256, "height": h, "width": w, "pixels": pixels}
 
 
 def _to_input(converted: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize to (H, W) and lay out as [C, H, W] uint8 (C = 1 for gray methods, 3 for m4)."""
+    """Resize to (H, W) and lay out as [C, H, W] uint8 (C = 1 for gray methods, 3 for m4 and rgb)."""
     height, width = size
     resized = cv2.resize(converted, (width, height), interpolation=cv2.INTER_AREA)
     return resized[None] if resized.ndim == 2 else np.ascontiguousarray(resized.transpose(2, 0, 1))
@@ -225,6 +226,7 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
     with CacheWriter(cache) as writer:
         plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad)
         summary.skipped = list(plan.scan.skipped)
+        summary.colour = plan.scan.colour
         summary.cached = len(plan.scan.records) - len(plan.work)
         summary.groups = [g.key for g in plan.groups.values()]
         if on_plan:

@@ -51,6 +51,7 @@ class LoadedImage:
 
     pixels: np.ndarray
     sha256: str
+    channels: int = 1  # what the file declares: 1 (gray) or 3 (a colour type, which may hold gray pixels)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,23 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS, co
         raise DataError(path, f"cannot read file ({e.strerror or e})") from None
     return LoadedImage(decode_image(data, path, max_pixels=max_pixels, colour=colour),
                        hashlib.sha256(data).hexdigest())
+
+
+def load_native(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Read a file as it is: a gray image (or a colour-typed one whose channels are equal) as a 2-D array, a
+    true colour image as ``H x W x 3`` RGB. Which a dataset may hold is the dataset's rule (``scan_dataset``);
+    the conversions take either."""
+    try:
+        with open(path, "rb") as f:
+            channels = _header(f, path, max_pixels, True).channels
+            f.seek(0)
+            data = f.read()
+    except OSError as e:
+        raise DataError(path, f"cannot read file ({e.strerror or e})") from None
+    pixels = decode_image(data, path, max_pixels=max_pixels, colour=channels > 1)
+    if pixels.ndim == 3 and not is_colour(pixels):
+        pixels = np.ascontiguousarray(pixels[:, :, 0])
+    return LoadedImage(pixels, hashlib.sha256(data).hexdigest(), channels)
 
 
 def read_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS, colour: bool = False) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 
 from xfeat.convert.methods import convert
 from xfeat.errors import DataError, XfeatError
-from xfeat.io.images import load_image
+from xfeat.io.images import load_native
 from xfeat.report.maps import VMAX_FACTOR, legend, overlay, thumbnail, write_png
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def _write_thumbnails(folder: Path, path: str, method: str, stats: WindowStats |
                       max_side: int) -> dict[str, str]:
     """Read, convert and draw one image once for every thumbnail of it; returns name -> why it was not written."""
     try:
-        loaded = load_image(path)
+        loaded = load_native(path)
         image = stretch(convert(loaded.pixels, method, stats))
     except XfeatError as e:
         problem = e.problem if isinstance(e, DataError) else str(e)

@@ -175,6 +175,7 @@ def _lead(data, cache: Path, config: ExtractConfig, device: torch.device, world:
             dist.gather_object((own.computed, own.skipped), results, dst=0)  # every rank has finished its shard
             summary.computed = sum(computed for computed, _ in results)
             summary.skipped = list(plan.scan.skipped) + [s for _, skipped in results for s in skipped]
+            summary.colour = plan.scan.colour
             _merge(writer, cache, plan.groups, job.todo, world.size, {s.path for s in summary.skipped})
     finally:
         if job is None:  # rank 0 failed before the others got their work: let them stop rather than wait
