@@ -301,7 +301,7 @@ def test_a_folder_dataset_takes_jpeg_and_bmp_names(tmp_path):
     assert all(read_image(r.path).shape == (H, W) for r in records)
 
 
-def test_convert_reads_a_gray_jpeg_and_bmp_dataset_and_stops_at_a_colour_jpeg(tmp_path, capsys):
+def test_convert_reads_a_gray_jpeg_and_bmp_dataset_and_stops_at_a_colour_jpeg_among_them(tmp_path, capsys):
     data = tmp_path / "data"
     for bundle in ("B1", "B2"):
         for label in ("normal", "abnormal"):
@@ -315,5 +315,6 @@ def test_convert_reads_a_gray_jpeg_and_bmp_dataset_and_stops_at_a_colour_jpeg(tm
     argv[5] = str(tmp_path / "out2")
     capsys.readouterr()
     assert main(argv) == 1
-    assert capsys.readouterr().err.strip() == (f"xfeat: error: {colour}: colour image ({H} x {W} x 3); this dataset "
-                                               "is read as gray: use a colour method (--methods rgb)")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xfeat: error: {data}: mixes gray and colour images (e.g. ") and "\n" not in err
+    assert str(colour) in err and err.endswith("a dataset is read as all gray or all colour: move the odd ones out")

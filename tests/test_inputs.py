@@ -66,8 +66,6 @@ BAD_FILES = {
     "float TIFF": ("bad.tif", lambda p: _tiff(p, np.ones((8, 8), np.float32)), "unsupported pixel type float32"),
     "int32 TIFF": ("bad.tif", lambda p: _tiff(p, np.ones((8, 8), np.int32)), "unsupported pixel type int32"),
     "multi-page TIFF": ("bad.tif", lambda p: _tiff(p, np.ones((2, 8, 8), np.uint16)), "multi-page TIFF (2 pages)"),
-    "colour PNG": ("bad.png", lambda p: _png(p, np.dstack([np.zeros((8, 8), np.uint8), np.ones((8, 8), np.uint8),
-                                                        np.ones((8, 8), np.uint8)])), "colour image (8 x 8 x 3)"),
     "empty image": ("bad.tif", lambda p: _tiff(p, np.zeros((0, 5), np.uint16)), "empty image (no pixels)"),
     "non-image file": ("notes.txt", lambda p: p.write_text("x"), "not an image file"),
 }
