@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Convert, run the backbone and the classifier on each image, as the model was trained. "
                     "A file that cannot be scored gets a row with its error; the exit status is then 1.")
     p.add_argument("model", help="model file written by xfeat train")
-    p.add_argument("inputs", nargs="+", help="image files, folders (every .tif/.tiff/.png below) or CSV "
+    p.add_argument("inputs", nargs="+", help="image files, folders (every TIFF, PNG, JPEG and BMP below) or CSV "
                                              "manifests (a path column; bundle and label kept when present)")
     p.add_argument("--out", required=True, metavar="CSV", help="predictions to write (path, score, decision, "
                                                                "threshold, error, ...)")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                      data_roots=[source for source in args.inputs if Path(source).is_dir()])
     model = load_model(args.model)
     if not images:
-        raise XfeatError(f"no images found in {', '.join(args.inputs)} (.tif, .tiff or .png)")
+        raise XfeatError(f"no images found in {', '.join(args.inputs)} (.tif, .tiff, .png, .jpg, .jpeg or .bmp)")
     maps = None
     if args.maps:
         if not has_local_evidence(model):

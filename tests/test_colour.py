@@ -106,6 +106,13 @@ def test_synthetic_products_are_reproducible_colour_jpegs_in_the_usual_layout(tm
 def test_the_resnet50_paper_protocol_runs_end_to_end_on_colour_photos(tmp_path, capsys):
     data, cache, model = tmp_path / "photos", tmp_path / "c.h5", tmp_path / "m.xfeat"
     assert main(["synth", str(data), "--colour", "--bundles", "3", "--images", "18", "--size", "64x64", "-q"]) == 0
+    (data / "manifest.csv").unlink()  # the folder layout, with a third of the photos as PNG and a third as BMP
+    for i, jpg in enumerate(sorted(data.rglob("*.jpg"))):
+        if i % 3:
+            _write(jpg.with_suffix(".png" if i % 3 == 1 else ".bmp"), load_native(jpg).pixels,
+                   ".png" if i % 3 == 1 else ".bmp")
+            jpg.unlink()
+    assert {p.suffix for p in data.rglob("*.*")} == {".jpg", ".png", ".bmp"}
     assert main(["extract", str(data), "--cache", str(cache), "--backbone", "resnet50", "--weights", "none",
                  "--methods", "rgb,m2", "--size", "64x64", "--flips", "1", "--jobs", "1", "--workers", "0"]) == 0
     captured = capsys.readouterr()

@@ -40,7 +40,7 @@ LEGEND = "legend.png"
 KINDS = (("caught", "Caught: the abnormal images it is surest of", 4),
          ("missed", "Missed: abnormal images it cleared, the most confidently cleared first", 6),
          ("false_alarms", "False alarms: normal images it flagged, the highest score first", 6))
-STRETCH_NOTE = (f"Gray levels are stretched per image for the eye (its {STRETCH[0]:g}th to {STRETCH[1]:g}th "
+STRETCH_NOTE = (f"Levels are stretched per image for the eye (its {STRETCH[0]:g}th to {STRETCH[1]:g}th "
                 "percentile from black to white); the model saw the converted image as it is.")
 _NAME = re.compile(r"[0-9a-f]{16}\.png")  # a thumbnail's file name: what a rerun may replace or remove
 
