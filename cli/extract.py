@@ -6,6 +6,7 @@ import argparse
 
 from xfeat_cli.common import add_common, add_max_pixels, names_arg, non_negative_int, positive_int, progress_bar, say, size_arg
 from xfeat.convert.methods import COLOUR_METHODS, METHODS
+from xfeat.features.engines import ENGINES
 from xfeat.convert.stats import WindowStats
 from xfeat.io.images import megapixels
 from xfeat.io.outputs import check_output, data_roots_of, manifest_input
@@ -55,8 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="P",
                    help="auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16")
+    p.add_argument("--engine", default="torch", choices=ENGINES, metavar="E",
+                   help="torch (default), openvino (CPU, faster), auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), metavar="T",
-                   help="stored features: float32 (default) or float16 (half the disk)")
+                   help="stored: float32 (default), float16 (half the disk)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                    help="images per forward pass (default: auto)")
     p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from xfeat.features.extract import ExtractConfig, extract
 
     config = ExtractConfig(backbones=args.backbone, methods=args.methods, size=args.size, flips=args.flips,
-                           weights=args.weights, device=args.device, precision=args.precision,
+                           weights=args.weights, device=args.device, precision=args.precision, engine=args.engine,
                            batch_size=args.batch_size, workers=args.workers, jobs=args.jobs,
                            stats=WindowStats.load(args.stats) if args.stats else None, max_pixels=args.max_pixels,
                            taps=(*args.taps, *(("patches",) if args.patch_maps else ())), tiles=tiles,
@@ -122,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
     processes = f" x {ranks} processes" if ranks > 1 else ""
     say(f"extracted {summary.computed} images ({summary.cached} cached, {len(summary.skipped)} skipped) "
         f"in {summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s on {summary.device} "
-        f"({summary.precision}){processes}; {args.cache}: {len(summary.groups)} groups, "
+        f"({summary.engine}, {summary.precision}){processes}; {args.cache}: {len(summary.groups)} groups, "
         f"{summary.cache_bytes / 1e6:.1f} MB")
     return 0

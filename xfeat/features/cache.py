@@ -90,6 +90,7 @@ class GroupSettings:
     tile_overlap: float = 0.0
     tile_combine: str = ""  # how the pooled tap joins the tiles' vectors: mean | max | both
     storage: str = "float32"  # the stored vectors' type (float16: xfeat extract --dtype float16; patch maps always)
+    engine: str = "torch"  # what ran the network: torch | openvino (xfeat.features.engines)
 
     @property
     def size_token(self) -> str:

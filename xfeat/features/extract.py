@@ -15,7 +15,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,13 +29,14 @@ from xfeat.features.extractor import build_extractor
 from xfeat.features.local import (Tapped, check_taps, local_params, local_stages, local_statistics, map_grid,
                                   patch_maps, patch_params)
 from xfeat.features.tiles import Tiling
-from xfeat.features.cache import FLIPS, GroupSettings, Rows
+from xfeat.features.cache import FLIPS, GroupSettings, Rows, _settings_groups, open_cache
 from xfeat.features.writer import CacheWriter
 from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError
 from xfeat.io.images import MAX_PIXELS, load_native, megapixels
 from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
+from xfeat.features.engines import ENGINES, openvino_runner, resolve_engine
 from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
 from xfeat.convert.scan import Scan, scan_dataset
 from xfeat.convert.stats import WindowStats
@@ -56,6 +57,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"
+    engine: str = "torch"  # torch | openvino | auto (xfeat.features.engines); resolved before planning
     batch_size: int | None = None  # images per forward pass (each gives `flips` samples)
     workers: int | None = None  # decoding processes; 0 decodes in this process
     jobs: int | None = None  # processes for the statistics pass
@@ -75,6 +77,8 @@ class ExtractConfig:
             raise XfeatError("the pool tap is always stored (it costs nothing more): add pool to --taps")
         if self.tiles is not None and self.tiles.tile != self.size:
             raise XfeatError(f"the tiles are {self.tiles.tile}, the input size {self.size}: give the same")
+        if self.engine not in ENGINES:
+            raise XfeatError(f"unknown engine {self.engine!r}; one of {', '.join(ENGINES)}")
         if self.storage not in ("float32", "float16"):
             raise XfeatError(f"--dtype must be float32 or float16, not {self.storage}")
         if self.flips not in (1, 2, 4):
@@ -126,6 +130,7 @@ class ExtractSummary:
     groups: list[str] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    engine: str = ""
     colour: bool = False  # the dataset holds colour images (gray methods took their luminance)
 
     @property
@@ -220,8 +225,9 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
     dataset = data if isinstance(data, Dataset) else find_images(data, skip_bad=skip_bad)
     device = select_device(config.device)
     precision = resolve_precision(config.precision, device)
+    config = replace(config, engine=resolve_engine(config.engine, device, recorded_engine(cache, config)))
     extractors = {name: build_extractor(name, config.weights) for name in config.backbones}
-    summary = ExtractSummary(device=str(device), precision=precision)
+    summary = ExtractSummary(device=str(device), precision=precision, engine=config.engine)
 
     with CacheWriter(cache) as writer:
         plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad)
@@ -232,7 +238,7 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
         if on_plan:
             on_plan(len(plan.work), summary.cached)
         if plan.work:
-            models = {b: tap_runner(e, config.taps, device, precision) for b, e in extractors.items()}
+            models = {b: tap_runner(e, config.taps, device, precision, config.engine) for b, e in extractors.items()}
             summary.computed = _compute(plan.work, plan.groups, models, writer, config, plan.stats, device,
                                         skip_bad, summary.skipped, progress)
     summary.seconds = time.perf_counter() - start
@@ -282,7 +288,8 @@ def _settings(extractor, backbone: str, method: str, tap: str, config: ExtractCo
         flips=",".join(config.flip_names), feature_dim=dim,  # patches: the run's flips, the map of "none" only
         weights_kind=extractor.weights.kind, weights_name=extractor.weights.name,
         weights_sha256=extractor.weights.sha256, mean=tuple(extractor.mean), std=tuple(extractor.std),
-        resize=RESIZE, precision=precision, g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1,
+        resize=RESIZE, precision=precision, engine=config.engine,
+        g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1,
         tap=tap, tap_params=json.dumps(params, sort_keys=True) if params else "",
         tiles=f"{tiles.rows}x{tiles.cols}" if tiles else "", tile_overlap=tiles.overlap if tiles else 0.0,
         tile_combine=tiles.combine if tiles else "", storage="float16" if tap == "patches" else config.storage)
@@ -302,13 +309,28 @@ def tap_layout(backbone: str, tap: str, config: ExtractConfig, pooled_dim: int) 
     return params, params["dim"]
 
 
-def tap_runner(extractor, taps: Sequence[str], device: torch.device, precision: str):
-    """The function a batch runs through: pooled features alone, or (pooled, local map) from one pass."""
+def tap_runner(extractor, taps: Sequence[str], device: torch.device, precision: str, engine: str = "torch"):
+    """The function a batch runs through: pooled features alone, or (pooled, local map) from one pass; run by
+    torch or by OpenVINO (``engine``, resolved)."""
     if set(taps) == {"pool"}:
-        return runner(prepare_model(extractor, device), device, precision)
-    stages = [s.module for s in local_stages(get_spec(extractor.name))]
-    prepared = prepare_model(extractor, device, keep_modules=True)
-    return runner(Tapped(prepared, stages), device, precision)
+        model = prepare_model(extractor, device)
+    else:
+        stages = [s.module for s in local_stages(get_spec(extractor.name))]
+        model = Tapped(prepare_model(extractor, device, keep_modules=True), stages)
+    return openvino_runner(model, precision) if engine == "openvino" else runner(model, device, precision)
+
+
+def recorded_engine(cache: str | os.PathLike[str], config: ExtractConfig) -> str | None:
+    """The engine a cache's groups of these backbones and methods were computed with (torch for caches written
+    before engines were recorded); None when it holds none."""
+    if not Path(cache).exists():
+        return None
+    with open_cache(cache) as f:
+        for group in _settings_groups(f):
+            settings = GroupSettings.from_attrs(group.attrs)
+            if settings.backbone in config.backbones and settings.method in config.methods:
+                return settings.engine
+    return None
 
 
 def _plan(writer: CacheWriter, groups: dict[tuple[str, str, str], GroupSettings], records: Sequence[ImageRecord],

@@ -37,7 +37,8 @@ from xfeat.features.cache import CacheError, GroupSettings, Rows, open_cache
 from xfeat.features.writer import CacheWriter
 from xfeat.io.dataset import Dataset, ImageRecord, find_images
 from xfeat.errors import DataError, XfeatError, XfeatWarning
-from xfeat.features.extract import ExtractConfig, ExtractSummary, Work, extract, plan_extraction
+from xfeat.features.engines import resolve_engine
+from xfeat.features.extract import ExtractConfig, ExtractSummary, Work, extract, plan_extraction, recorded_engine
 from xfeat.features.inference import resolve_precision, select_device
 from xfeat.convert.stats import WindowStats
 
@@ -123,7 +124,9 @@ def extract_distributed(data: str | os.PathLike[str], cache: str | os.PathLike[s
         raise XfeatError("torchrun extraction stores the pooled tap of whole images only; run xfeat extract "
                          "without torchrun for --taps local, --patch-maps or --tiles")
     device = rank_device(config.device, world.local_rank)
-    config = replace(config, device=str(device))
+    # every rank settles auto the same way, from the cache as the run finds it
+    config = replace(config, device=str(device),
+                     engine=resolve_engine(config.engine, device, recorded_engine(cache, config)))
     started_here = not dist.is_initialized()
     if started_here:
         if device.type == "cuda":
@@ -154,7 +157,7 @@ def _lead(data, cache: Path, config: ExtractConfig, device: torch.device, world:
           progress, on_plan) -> ExtractSummary:
     start = time.perf_counter()
     precision = resolve_precision(config.precision, device)
-    summary = ExtractSummary(device=str(device), precision=precision)
+    summary = ExtractSummary(device=str(device), precision=precision, engine=config.engine)
     job = None
     try:
         with CacheWriter(cache) as writer:  # held to the end: no other run writes C or the rank caches meanwhile

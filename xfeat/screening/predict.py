@@ -33,6 +33,7 @@ from xfeat.features.reading import fc1000, load_features, parse_layer
 from xfeat.features.tiles import Tiling
 from xfeat.io.hashing import file_sha256
 from xfeat.io.images import MAX_PIXELS
+from xfeat.features.engines import resolve_engine
 from xfeat.features.inference import resolve_precision, select_device
 from xfeat.screening.model import ScreeningModel, model_extractor
 
@@ -201,8 +202,14 @@ def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, devic
         warnings.warn(f"the model's features were computed in {s.precision}, which this device does not run; "
                       "using fp32 (scores will differ slightly)", XfeatWarning, stacklevel=3)
         precision = "fp32"
+    try:
+        engine = resolve_engine(s.engine, device)
+    except XfeatError as e:
+        warnings.warn(f"the model's features were computed by {s.engine}: {e}; using torch (scores will differ "
+                      "slightly)", XfeatWarning, stacklevel=3)
+        engine = "torch"
     extractor = model_extractor(model, weights)
-    run = tap_runner(extractor, taps, device, precision)
+    run = tap_runner(extractor, taps, device, precision, engine)
     config = ExtractConfig(size=size, flips=s.n_flips, tiles=tiles)
     forward_batch = config.forward_batch()
     work = [Work(ImageRecord(image.path, image.bundle, image.label or 0, image.path.name), (s.method,))
