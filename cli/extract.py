@@ -55,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="imagenet (default), none (random, flagged downstream) or PATH to a state dict")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="P",
-                   help="auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16")
+                   help="auto (fp16 on CUDA; on a CPU bf16 if it proves itself), fp32, bf16, fp16")
     p.add_argument("--engine", default="torch", choices=ENGINES, metavar="E",
                    help="torch (default), openvino (CPU, faster), auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), metavar="T",
@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if summary.colour and gray:
         say(f"xfeat: note: {args.data} holds colour images: {', '.join(gray)} converted each one's luminance "
             "(0.299 R + 0.587 G + 0.114 B); --methods rgb takes the colour channels")
+    if summary.precision_check is not None and not args.quiet:
+        say(f"precision {summary.precision_check.precision} (auto): {summary.precision_check.reason}")
     if config.weights == "none":
         say("xfeat: warning: random weights (--weights none): these features carry no ImageNet knowledge")
     if args.quiet:

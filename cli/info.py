@@ -128,7 +128,12 @@ def _as_text(info, with_data: bool) -> list[str]:
             shape = f"{s.n_flips} flips ({s.flips}) x {s.feature_dim}-d"
         tiles = f"; tiles {s.tiles} overlap {s.tile_overlap:g} combine {s.tile_combine}" if s.tiles else ""
         stored = "; stored float16" if s.storage == "float16" and s.tap != "patches" else ""
-        lines.append(f"{s.key}: {g.n_images} images x {shape}; {weights}; {s.precision}{stored}{tiles}")
+        engine = "; OpenVINO" if s.engine == "openvino" else ""
+        lines.append(f"{s.key}: {g.n_images} images x {shape}; {weights}; {s.precision}{engine}{stored}{tiles}")
+        if s.precision_check:
+            check = json.loads(s.precision_check)
+            lines.append(f"  precision {check['precision']} chosen by --precision auto: {check['reason']} "
+                         f"(CPU flags: {check['isa']})")
         by_bundle: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for (bundle, label), n in g.counts.items():
             by_bundle[bundle][label] += n

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -91,6 +91,7 @@ class GroupSettings:
     tile_combine: str = ""  # how the pooled tap joins the tiles' vectors: mean | max | both
     storage: str = "float32"  # the stored vectors' type (float16: xfeat extract --dtype float16; patch maps always)
     engine: str = "torch"  # what ran the network: torch | openvino (xfeat.features.engines)
+    precision_check: str = field(default="", compare=False)  # JSON: how --precision auto chose (a record)
 
     @property
     def size_token(self) -> str:
@@ -145,7 +146,7 @@ class GroupSettings:
 
     def differences(self, other: "GroupSettings") -> list[str]:
         return [f"{f.name} {getattr(other, f.name)!r} (this run: {getattr(self, f.name)!r})"
-                for f in fields(self) if _norm(getattr(self, f.name)) != _norm(getattr(other, f.name))]
+                for f in fields(self) if f.compare and _norm(getattr(self, f.name)) != _norm(getattr(other, f.name))]
 
 
 def _norm(value):

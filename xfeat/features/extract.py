@@ -29,7 +29,7 @@ from xfeat.features.extractor import build_extractor
 from xfeat.features.local import (Tapped, check_taps, local_params, local_stages, local_statistics, map_grid,
                                   patch_maps, patch_params)
 from xfeat.features.tiles import Tiling
-from xfeat.features.cache import FLIPS, GroupSettings, Rows, _settings_groups, open_cache
+from xfeat.features.cache import FLIPS, GroupSettings, Rows, _settings_groups, cache_bytes, open_cache
 from xfeat.features.writer import CacheWriter
 from xfeat.convert.methods import NEEDS_STATS, check_method, convert
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
@@ -38,9 +38,11 @@ from xfeat.io.images import MAX_PIXELS, load_native, megapixels
 from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
 from xfeat.features.engines import ENGINES, openvino_runner, resolve_engine
 from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
+from xfeat.features.precision import BF16_FLAGS, PrecisionCheck, choose_precision, cpu_flags
 from xfeat.convert.scan import Scan, scan_dataset
 from xfeat.convert.stats import WindowStats
 
+CHECK_IMAGES = 4  # images --precision auto compares fp32 and bf16 on
 RESIZE = "cv2.INTER_AREA"
 PIXEL_BUDGET = 4_000_000  # input pixels per forward pass: larger batches only add memory traffic on a CPU
 COMMIT_EVERY_S = 300.0
@@ -131,6 +133,7 @@ class ExtractSummary:
     device: str = ""
     precision: str = ""
     engine: str = ""
+    precision_check: PrecisionCheck | None = None  # how --precision auto chose the precision
     colour: bool = False  # the dataset holds colour images (gray methods took their luminance)
 
     @property
@@ -225,12 +228,19 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
     dataset = data if isinstance(data, Dataset) else find_images(data, skip_bad=skip_bad)
     device = select_device(config.device)
     precision = resolve_precision(config.precision, device)
-    config = replace(config, engine=resolve_engine(config.engine, device, recorded_engine(cache, config)))
+    config = replace(config, engine=resolve_engine(config.engine, device, recorded_setting(cache, config, "engine")))
     extractors = {name: build_extractor(name, config.weights) for name in config.backbones}
-    summary = ExtractSummary(device=str(device), precision=precision, engine=config.engine)
+    choose = None
+    if config.precision == "auto" and device.type == "cpu":  # the cache's precision, or one proved on this run
+        precision = recorded_setting(cache, config, "precision") or precision
+        if not recorded_setting(cache, config, "precision"):
+            choose = partial(_check_precision, extractors=extractors, config=config, device=device)
 
     with CacheWriter(cache) as writer:
-        plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad)
+        plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad, choose)
+        precision = plan.precision
+        summary = ExtractSummary(device=str(device), precision=precision, engine=config.engine,
+                                 precision_check=plan.check)
         summary.skipped = list(plan.scan.skipped)
         summary.colour = plan.scan.colour
         summary.cached = len(plan.scan.records) - len(plan.work)
@@ -242,7 +252,7 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
             summary.computed = _compute(plan.work, plan.groups, models, writer, config, plan.stats, device,
                                         skip_bad, summary.skipped, progress)
     summary.seconds = time.perf_counter() - start
-    summary.cache_bytes = Path(cache).stat().st_size
+    summary.cache_bytes = cache_bytes(cache)  # the index and its segments
     return summary
 
 
@@ -254,12 +264,17 @@ class Plan:
     stats: WindowStats | None  # the global window every conversion of this run uses
     groups: dict[tuple[str, str, str], GroupSettings]  # (backbone, method, tap) -> settings
     work: list[Work]  # in dataset order: the order rows are appended to the cache
+    precision: str = "fp32"  # what the network runs in
+    check: PrecisionCheck | None = None  # how --precision auto chose it
 
 
 def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig, extractors: dict,
-                    precision: str, skip_bad: bool) -> Plan:
-    """Hash (and for new statistics decode) every image, settle the window statistics, create the groups
-    (refusing settings that differ from the cache's) and list what the cache lacks."""
+                    precision: str, skip_bad: bool,
+                    choose: Callable[[Sequence[ImageRecord], WindowStats | None], PrecisionCheck] | None = None
+                    ) -> Plan:
+    """Hash (and for new statistics decode) every image, settle the window statistics, choose the precision
+    (``choose``: --precision auto on a CPU), create the groups (refusing settings that differ from the cache's)
+    and list what the cache lacks."""
     needs_stats = any(m in NEEDS_STATS for m in config.methods)
     stats = config.stats or writer.window_stats()
     # Decoding every image before extraction is only worth it for statistics nobody has yet.
@@ -269,18 +284,40 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
     fitted_here = needs_stats and stats is None  # then the scan's per-bundle histograms are stored with them
     if fitted_here:
         stats = scan.window_stats()
-    groups = {(b, m, tap): _settings(extractors[b], b, m, tap, config, precision, stats if m in NEEDS_STATS else None)
+    check = choose(scan.records, stats) if choose else None
+    precision = check.precision if check else precision
+    groups = {(b, m, tap): _settings(extractors[b], b, m, tap, config, precision, stats if m in NEEDS_STATS else None,
+                                     check)
               for b in config.backbones for m in config.methods for tap in config.taps}
     writer.prepare(list(groups.values()),
                    {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
                    stats if needs_stats else None,
                    scan.bundle_histograms if fitted_here else None, scan.images_per_bundle() if fitted_here else None)
     work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
-    return Plan(scan, stats, groups, work)
+    return Plan(scan, stats, groups, work, precision, check)
+
+
+def _check_precision(records: Sequence[ImageRecord], stats: WindowStats | None, *, extractors: dict,
+                     config: ExtractConfig, device: torch.device) -> PrecisionCheck:
+    """--precision auto on a CPU: the run's first images (first method), through every backbone and tap in fp32
+    and in bf16; bf16 only if all of them agree (xfeat.features.precision)."""
+    flags = cpu_flags()
+    if not any(f in flags for f in BF16_FLAGS):
+        return choose_precision(None, None, None, flags)  # decided by the flags: nothing to run
+    method = config.methods[0]
+    images = _ConvertedImages([Work(r, (method,)) for r in records[:CHECK_IMAGES]], config.input_size, stats,
+                              max_pixels=config.max_pixels)
+    pixels = [item["pixels"][method] for item in (images[i] for i in range(len(images))) if not item["problem"]]
+    batch = torch.from_numpy(np.stack(pixels)) if pixels else None
+    checks = [choose_precision(tap_runner(e, config.taps, device, "fp32", config.engine),
+                               tap_runner(e, config.taps, device, "bf16", config.engine), batch, flags)
+              for e in extractors.values()]
+    failed = [c for c in checks if c.precision != "bf16"]
+    return failed[0] if failed else min(checks, key=lambda c: c.worst_cosine)
 
 
 def _settings(extractor, backbone: str, method: str, tap: str, config: ExtractConfig, precision: str,
-              stats: WindowStats | None) -> GroupSettings:
+              stats: WindowStats | None, check: PrecisionCheck | None = None) -> GroupSettings:
     params, dim = tap_layout(backbone, tap, config, int(extractor.feature_dim))
     tiles = config.tiles
     return GroupSettings(
@@ -288,7 +325,7 @@ def _settings(extractor, backbone: str, method: str, tap: str, config: ExtractCo
         flips=",".join(config.flip_names), feature_dim=dim,  # patches: the run's flips, the map of "none" only
         weights_kind=extractor.weights.kind, weights_name=extractor.weights.name,
         weights_sha256=extractor.weights.sha256, mean=tuple(extractor.mean), std=tuple(extractor.std),
-        resize=RESIZE, precision=precision, engine=config.engine,
+        resize=RESIZE, precision=precision, engine=config.engine, precision_check=check.to_json() if check else "",
         g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1,
         tap=tap, tap_params=json.dumps(params, sort_keys=True) if params else "",
         tiles=f"{tiles.rows}x{tiles.cols}" if tiles else "", tile_overlap=tiles.overlap if tiles else 0.0,
@@ -320,16 +357,16 @@ def tap_runner(extractor, taps: Sequence[str], device: torch.device, precision: 
     return openvino_runner(model, precision) if engine == "openvino" else runner(model, device, precision)
 
 
-def recorded_engine(cache: str | os.PathLike[str], config: ExtractConfig) -> str | None:
-    """The engine a cache's groups of these backbones and methods were computed with (torch for caches written
-    before engines were recorded); None when it holds none."""
+def recorded_setting(cache: str | os.PathLike[str], config: ExtractConfig, name: str) -> str | None:
+    """A setting (engine, precision) the cache's groups of these backbones and methods were computed with (for
+    the engine, torch in caches written before engines were recorded); None when it holds none."""
     if not Path(cache).exists():
         return None
     with open_cache(cache) as f:
         for group in _settings_groups(f):
             settings = GroupSettings.from_attrs(group.attrs)
             if settings.backbone in config.backbones and settings.method in config.methods:
-                return settings.engine
+                return getattr(settings, name)
     return None
 
 

@@ -33,12 +33,14 @@ import torch
 import torch.distributed as dist
 
 from xfeat.features.extractor import build_extractor
-from xfeat.features.cache import CacheError, GroupSettings, Rows, open_cache
+from xfeat.features.cache import CacheError, GroupSettings, Rows, cache_bytes, open_cache
 from xfeat.features.writer import CacheWriter
 from xfeat.io.dataset import Dataset, ImageRecord, find_images
 from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.features.engines import resolve_engine
-from xfeat.features.extract import ExtractConfig, ExtractSummary, Work, extract, plan_extraction, recorded_engine
+from xfeat.features.precision import PrecisionCheck, choose_precision
+from xfeat.features.extract import (ExtractConfig, ExtractSummary, Work, extract, plan_extraction,
+                                    recorded_setting)
 from xfeat.features.inference import resolve_precision, select_device
 from xfeat.convert.stats import WindowStats
 
@@ -124,9 +126,11 @@ def extract_distributed(data: str | os.PathLike[str], cache: str | os.PathLike[s
         raise XfeatError("torchrun extraction stores the pooled tap of whole images only; run xfeat extract "
                          "without torchrun for --taps local, --patch-maps or --tiles")
     device = rank_device(config.device, world.local_rank)
-    # every rank settles auto the same way, from the cache as the run finds it
-    config = replace(config, device=str(device),
-                     engine=resolve_engine(config.engine, device, recorded_engine(cache, config)))
+    # every rank settles auto the same way, from the cache as the run finds it; --precision auto is fp32 on a CPU
+    # here (the bf16 check of a single-process run would have to agree across ranks), recorded as such
+    check = torchrun_precision_check() if config.precision == "auto" and device.type == "cpu" else None
+    config = replace(config, device=str(device), precision=resolve_precision(config.precision, device),
+                     engine=resolve_engine(config.engine, device, recorded_setting(cache, config, "engine")))
     started_here = not dist.is_initialized()
     if started_here:
         if device.type == "cuda":
@@ -134,7 +138,7 @@ def extract_distributed(data: str | os.PathLike[str], cache: str | os.PathLike[s
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         if world.rank == 0:
-            return _lead(data, Path(cache), config, device, world, skip_bad, progress, on_plan)
+            return _lead(data, Path(cache), config, device, world, skip_bad, progress, on_plan, check)
         job = _share(None)
         if job is None:
             raise XfeatError("rank 0 stopped the run (see its error)")
@@ -153,11 +157,19 @@ def _share(job: _Assignment | None) -> _Assignment | None:
     return box[0]
 
 
+def torchrun_precision_check() -> PrecisionCheck:
+    """What --precision auto settles on a CPU under torchrun: fp32, from the flags or by rule."""
+    check = choose_precision(None, None, None)
+    if check.precision == "fp32" and not check.images and "no bf16 units" in check.reason:
+        return check
+    return PrecisionCheck("fp32", "torchrun runs keep fp32 (bf16 is not checked across ranks)", check.isa)
+
+
 def _lead(data, cache: Path, config: ExtractConfig, device: torch.device, world: TorchrunWorld, skip_bad: bool,
-          progress, on_plan) -> ExtractSummary:
+          progress, on_plan, check: PrecisionCheck | None = None) -> ExtractSummary:
     start = time.perf_counter()
     precision = resolve_precision(config.precision, device)
-    summary = ExtractSummary(device=str(device), precision=precision, engine=config.engine)
+    summary = ExtractSummary(device=str(device), precision=precision, engine=config.engine, precision_check=check)
     job = None
     try:
         with CacheWriter(cache) as writer:  # held to the end: no other run writes C or the rank caches meanwhile
@@ -165,7 +177,8 @@ def _lead(data, cache: Path, config: ExtractConfig, device: torch.device, world:
                 remove_rank_caches(cache)
             dataset = data if isinstance(data, Dataset) else find_images(data, skip_bad=skip_bad)
             extractors = {name: build_extractor(name, config.weights) for name in config.backbones}
-            plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad)
+            plan = plan_extraction(writer, dataset, config, extractors, precision, skip_bad,
+                                   (lambda *_: check) if check else None)
             hashes = {r.path: s.sha256 for r, s in zip(plan.scan.records, plan.scan.images)}
             job = _Assignment(plan.stats, dataset.root, dataset.source,
                               [(w, hashes[w.record.path]) for w in plan.work])
@@ -185,7 +198,7 @@ def _lead(data, cache: Path, config: ExtractConfig, device: torch.device, world:
             _share(None)
     remove_rank_caches(cache)  # only once C is committed: until then they are what a rerun resumes from
     summary.seconds = time.perf_counter() - start
-    summary.cache_bytes = cache.stat().st_size
+    summary.cache_bytes = cache_bytes(cache)  # the index and its segments
     return summary
 
 
