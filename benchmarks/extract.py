@@ -131,7 +131,7 @@ def main() -> None:
                         converting.append(f"{convert_once(backbone, size, precision):.1f} s")
                     rate = xfeat_extract(data, backbone, size, precision, engine, workdir)
                     row += f" {rate:12.2f} {rate / naive:5.2f}x"
-                print(row + (f"   (OpenVINO conversion, once: {', '.join(converting)})" if converting else ""),
+                print(row + (f"   (OpenVINO model converted or loaded: {', '.join(converting)})" if converting else ""),
                       flush=True)
     finally:
         shutil.rmtree(workdir)

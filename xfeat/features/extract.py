@@ -43,6 +43,9 @@ from xfeat.convert.scan import Scan, scan_dataset
 from xfeat.convert.stats import WindowStats
 
 CHECK_IMAGES = 4  # images --precision auto compares fp32 and bf16 on
+# Below this many pixels to decode (about 40 full-size X-rays, or 2,000 photos of 224 x 224), images are decoded in
+# this process: spawning the decoding workers (each imports torch: about 2.5 s on 2 cores) would cost more.
+IN_PROCESS_PIXELS = 100_000_000
 RESIZE = "cv2.INTER_AREA"
 PIXEL_BUDGET = 4_000_000  # input pixels per forward pass: larger batches only add memory traffic on a CPU
 COMMIT_EVERY_S = 300.0
@@ -249,6 +252,8 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
             on_plan(len(plan.work), summary.cached)
         if plan.work:
             models = {b: tap_runner(e, config.taps, device, precision, config.engine) for b, e in extractors.items()}
+            if config.workers is None and _decoding_pixels(plan) < IN_PROCESS_PIXELS:
+                config = replace(config, workers=0)  # starting workers would cost more than decoding here
             summary.computed = _compute(plan.work, plan.groups, models, writer, config, plan.stats, device,
                                         skip_bad, summary.skipped, progress)
     summary.seconds = time.perf_counter() - start
@@ -295,6 +300,12 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
                    scan.bundle_histograms if fitted_here else None, scan.images_per_bundle() if fitted_here else None)
     work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
     return Plan(scan, stats, groups, work, precision, check)
+
+
+def _decoding_pixels(plan: Plan) -> int:
+    """The pixels the run's images declare: what decoding them costs, roughly."""
+    sizes = {r.path: s.height * s.width for r, s in zip(plan.scan.records, plan.scan.images)}
+    return sum(sizes.get(w.record.path, 0) for w in plan.work)
 
 
 def _check_precision(records: Sequence[ImageRecord], stats: WindowStats | None, *, extractors: dict,
