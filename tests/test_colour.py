@@ -54,7 +54,8 @@ def test_gray_saved_as_colour_is_exact_and_rgb_of_gray_is_m1_replicated():
 
 def test_16_bit_colour_gets_a_window_per_channel():
     rng = np.random.default_rng(1)
-    photo = np.dstack([rng.integers(1000 * (c + 1), 1000 * (c + 1) + 500, (30, 30)) for c in range(3)]).astype(np.uint16)
+    photo = np.dstack([rng.integers(1000 * (c + 1), 1000 * (c + 1) + 500, (30, 30)) for c in range(3)])
+    photo = photo.astype(np.uint16)
     out = convert(photo, "rgb")
     assert out.dtype == np.uint8 and out.shape == photo.shape
     for c in range(3):  # each channel stretched over its own range, not the 16-bit scale

@@ -39,7 +39,8 @@ def test_a_cpu_without_bf16_units_stays_fp32_without_running_anything():
 @pytest.fixture(scope="module")
 def runners():
     extractor = build_extractor("resnet18", "none")
-    return (tap_runner(extractor, ("pool", "local"), CPU, "fp32"), tap_runner(extractor, ("pool", "local"), CPU, "bf16"))
+    taps = ("pool", "local")
+    return tap_runner(extractor, taps, CPU, "fp32"), tap_runner(extractor, taps, CPU, "bf16")
 
 
 def test_bf16_is_kept_when_every_image_and_tap_agrees(runners):
