@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -173,3 +174,21 @@ def test_map_chunks_workers_are_tied_and_leave_ctrl_c_to_the_parent():
     with parallel_config(backend="threading"):  # a caller's own backend is left alone
         assert [r for _, rs in map_chunks(_worker_state, list(range(8)), jobs=2) for r in rs] == [
             (os.getppid(), signal.getsignal(signal.SIGINT))] * 8
+
+
+def test_a_caller_that_stops_at_the_first_bad_chunk_gets_no_remark_from_joblib(recwarn):
+    from xfeat.io.parallel import map_chunks
+
+    def scan() -> str:
+        try:
+            for chunk, _ in map_chunks(_worker_state, list(range(64)), jobs=2, chunk_size=1):
+                if chunk[0] == 1:  # as a scan stops at the first unreadable file, with finished chunks waiting
+                    time.sleep(0.5)
+                    raise ValueError("unreadable")
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    assert scan() == "unreadable"
+    gc.collect()  # joblib remarks when its generator is collected
+    assert not [w for w in recwarn if "input task iterator" in str(w.message)]

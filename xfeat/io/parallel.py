@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -44,4 +45,9 @@ def map_chunks(func: Callable[[Sequence[T]], R], items: Sequence[T], *, jobs: in
     with workers_ignore_ctrl_c():
         results = tied_parallel(n_jobs=min(jobs, len(chunks)), return_as="generator")(
             delayed(func)(c) for c in chunks)
-    yield from zip(chunks, results)
+    try:
+        yield from zip(chunks, results)
+    finally:  # a caller that stops early (at the first bad file) cancels the rest, without joblib's remark on it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*You could benefit from adjusting the input task iterator")
+            results.close()
