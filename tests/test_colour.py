@@ -45,11 +45,12 @@ def test_rgb_keeps_the_channels_and_gray_methods_take_the_bt601_luminance():
     np.testing.assert_array_equal(convert(photo, "m3"), convert(y, "m3"))
 
 
-def test_gray_saved_as_colour_is_exact_and_rgb_of_gray_is_m1_replicated():
+def test_gray_saved_as_colour_is_exact_and_rgb_of_gray_is_replicated():
     gray = _photo()[:, :, 0]
     np.testing.assert_array_equal(gray_of(np.dstack([gray] * 3)), gray)
-    deep = (gray.astype(np.uint16) * 257)
-    np.testing.assert_array_equal(rgb(deep), np.dstack([convert(deep, "m1")] * 3))
+    np.testing.assert_array_equal(rgb(gray), np.dstack([gray] * 3))
+    deep = gray.astype(np.uint16) * 257  # 16 bits: its own window, as each channel of a 16-bit colour image
+    np.testing.assert_array_equal(rgb(deep), np.dstack([convert(deep, "m3")] * 3))
 
 
 def test_16_bit_colour_gets_a_window_per_channel():

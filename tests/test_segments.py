@@ -256,3 +256,26 @@ def test_compact_and_copy_keep_the_rows_read_through_blocks(tmp_path):
     compact(cache)
     assert not Path(f"{cache}.segments").exists()
     np.testing.assert_array_equal(load_features(cache, "toy", "m2").X, expected.X)
+
+
+def test_a_longer_path_in_the_commit_that_seals_a_block_reads_whole(tmp_path):
+    cache = _cache(tmp_path)  # its file becomes segment 0; commits add 1..63, the last one seals block 0
+    long = "a-much-longer-folder-name/" * 6
+    with CacheWriter(cache) as writer:
+        for k in range(63):
+            writer.add({KEY: _rows([f"{long}img{k:03d}" if k == 62 else f"img{k:03d}"], float(k))})
+            writer.commit()
+    assert Path(f"{cache}.segments/block-000000.h5").exists()
+    assert f"/data/{long}img062.tif" in _plain(cache, "path").tolist()
+    assert f"/data/{long}img062.tif" in load_features(cache, "toy", "m2").paths.tolist()
+
+
+def test_a_lost_block_is_rebuilt_only_once_no_index_on_disk_reads_it(tmp_path):
+    cache = _cache(tmp_path)
+    _many_commits(cache, 70)
+    block = Path(f"{cache}.segments/block-000000.h5")
+    block.unlink()
+    with CacheWriter(cache) as writer:
+        assert writer._listed_blocks == {0}
+    with h5py.File(cache, "r") as f:
+        assert f.attrs["index_blocks"].tolist() == [0] and block.exists()

@@ -9,7 +9,8 @@
 * ``clahe``: OpenCV's contrast-limited adaptive equalisation of the m2 image.
 * ``rgb``: the colour method, for colour photos (the ResNet-50 + SVM paper's): the 8-bit R, G, B channels as
   they are, the ImageNet way. A 16-bit colour image gets a window per channel (each channel stretched by its
-  own 0.01th..99.99th percentiles, m3 per channel); a gray image is replicated to three channels (m1).
+  own 0.01th..99.99th percentiles, m3 per channel); a gray image is replicated to three channels (at 16 bits
+  with its own window, like each channel of a colour image).
 
 Colour images under a gray method are converted to their luminance first, ITU-R BT.601
 ``Y = 0.299 R + 0.587 G + 0.114 B`` rounded to the image's depth (OpenCV's ``COLOR_RGB2GRAY``), so the windows
@@ -89,9 +90,9 @@ def clahe(image: np.ndarray, stats: WindowStats) -> np.ndarray:
 
 def rgb(image: np.ndarray) -> np.ndarray:
     """rgb: an H x W x 3 uint8 image of a colour image's channels (a window per channel at 16 bits); a gray
-    image replicated (m1)."""
+    image replicated (at 16 bits with its window, as each channel of a colour one)."""
     if image.ndim == 2:
-        return to_rgb(naive(image))
+        return to_rgb(image.copy() if image.dtype == np.uint8 else local_window(image))
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image)
     return np.dstack([local_window(image[:, :, c]) for c in range(3)])
@@ -103,13 +104,9 @@ def luminance(image: np.ndarray) -> np.ndarray:
 
 
 def gray_of(image: np.ndarray) -> np.ndarray:
-    """What a gray method converts: the image itself, one channel of a colour-typed gray image (equal channels:
-    exact), or a colour image's luminance."""
-    if image.ndim == 2:
-        return image
-    if np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2]):
-        return np.ascontiguousarray(image[:, :, 0])
-    return luminance(image)
+    """What a gray method converts: the image itself, or a colour image's luminance (exact for equal channels:
+    OpenCV's fixed-point weights sum to one)."""
+    return image if image.ndim == 2 else luminance(image)
 
 
 _CONVERTERS: dict[str, Callable[..., np.ndarray]] = {

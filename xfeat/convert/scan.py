@@ -77,11 +77,15 @@ def _hash_chunk(records: Sequence[ImageRecord], *, hashes: bool = True, max_pixe
         try:
             header = read_header(path, max_pixels=max_pixels)
             height, width, depth, kind = header.height, header.width, header.bit_depth, "gray"
+            sha256 = ""
             if header.channels > 1:  # a colour-typed file: only decoding tells gray saved as colour from colour
-                pixels = load_native(path, max_pixels=max_pixels).pixels
-                height, width = pixels.shape[:2]
-                depth, kind = pixels.dtype.itemsize * 8, _kind(pixels, header.channels)
-            scanned.append(ScannedImage(file_sha256(path) if hashes else "", height, width, depth, kind=kind))
+                image = load_native(path, max_pixels=max_pixels)
+                height, width = image.pixels.shape[:2]
+                depth, kind = image.pixels.dtype.itemsize * 8, _kind(image.pixels, header.channels)
+                sha256 = image.sha256  # read once: hashed while decoding
+            elif hashes:
+                sha256 = file_sha256(path)
+            scanned.append(ScannedImage(sha256 if hashes else "", height, width, depth, kind=kind))
         except DataError as e:
             scanned.append(ScannedImage(problem=e.problem))
         except OSError as e:

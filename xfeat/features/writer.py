@@ -77,6 +77,7 @@ class CacheWriter:
         self._keys: dict[str, _GroupKeys] = {}  # per group: the current rows' ids by path and by content
         self._next_segment: int | None = None
         self._rewrite_index = False  # an index block it reads is missing or damaged: write the index again
+        self._listed_blocks: set[int] = set()  # the blocks the index on disk reads
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
@@ -132,6 +133,7 @@ class CacheWriter:
                     index = _read_index(f)
                     used, blocks = index.segments(), block_numbers(f)
                     self._rewrite_index = set(blocks) != set(index.blocks)
+                    self._listed_blocks = set(blocks)
         for stale in self.segments.glob(".*.tmp"):
             stale.unlink()
         for number in segment_numbers(self.path):
@@ -441,14 +443,14 @@ class CacheWriter:
         for key in {*superseded, *segment.rows}:
             self._group_keys(key)  # read while the index still matches the segments
         if self._next_segment is None:  # once per run: this writer alone adds segments while it holds the lock
-            self._next_segment = max([*segment_numbers(self.path), *index.segments()], default=-1) + 1
+            sealed = BLOCK * (max(index.blocks) + 1) - 1 if index.blocks else -1  # never reuse a number a block maps
+            self._next_segment = max([*segment_numbers(self.path), *index.segments(), sealed], default=-1) + 1
         number = self._next_segment
         if segment:
             self.segments.mkdir(exist_ok=True)
             with replacing(segment_file(self.path, number)) as tmp:
                 segment.write(tmp, index)
             self._next_segment += 1
-        self._seal_blocks(index)
         for key, gone in superseded.items():
             if len(gone):
                 g = index.groups[key]
@@ -463,6 +465,7 @@ class CacheWriter:
             for name, width in segment.text_widths.get(key, {}).items():
                 if width > g.datasets[name].dtype.itemsize:
                     g.datasets[name].dtype = np.dtype(_row_dtype(name, width))
+        deferred = self._seal_blocks(index)  # after the widths: a block's text is as wide as its widest value
         for key in segment.fc:
             g = index.groups[key]
             for name, value in zip(("fc_weight", "fc_bias"), segment.fc[key]):
@@ -479,19 +482,29 @@ class CacheWriter:
         self._damaged.clear()
         self._damaged_ids.clear()
         self._rewrite_index = False
+        self._listed_blocks = set(index.blocks)
+        if deferred:  # now that no index reads the lost blocks, write them anew
+            self._append(index, _Segment(), {})
 
-    def _seal_blocks(self, index: Index) -> None:
+    def _seal_blocks(self, index: Index) -> bool:
         """Write an index block for every run of ``BLOCK`` segments that all exist and has none yet: from now on
         the index maps their rows through it (a block is written before the index that reads it, so a kill
-        between the two leaves a block that the next run removes)."""
+        between the two leaves a block that the next run removes). A lost block that the index on disk still
+        names is left for the next index write (its new layout may differ: that index must not read it);
+        returns whether one was."""
+        deferred = False
         for number in range(self._next_segment // BLOCK):
             if number in index.blocks:
+                continue
+            if number in self._listed_blocks:
+                deferred = True
                 continue
             layout = self._block_layout(number, index)
             if layout:
                 with replacing(block_file(self.path, number)) as tmp, h5py.File(tmp, "w") as f:
                     write_block(f, number, layout, index)
                 index.blocks[number] = layout
+        return deferred
 
     def _block_layout(self, number: int, index: Index) -> dict[str, np.ndarray]:
         """Per group, (segment, rows) of the segments of block ``number`` that hold rows of it."""

@@ -38,7 +38,7 @@ from xfeat.features.writer import CacheWriter
 from xfeat.io.dataset import Dataset, ImageRecord, find_images
 from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.features.engines import resolve_engine
-from xfeat.features.precision import PrecisionCheck, choose_precision
+from xfeat.features.precision import BF16_FLAGS, PrecisionCheck, choose_precision, cpu_flags
 from xfeat.features.extract import (ExtractConfig, ExtractSummary, Work, extract, plan_extraction,
                                     recorded_setting)
 from xfeat.features.inference import resolve_precision, select_device
@@ -128,8 +128,9 @@ def extract_distributed(data: str | os.PathLike[str], cache: str | os.PathLike[s
     device = rank_device(config.device, world.local_rank)
     # every rank settles auto the same way, from the cache as the run finds it; --precision auto is fp32 on a CPU
     # here (the bf16 check of a single-process run would have to agree across ranks), recorded as such
-    check = torchrun_precision_check() if config.precision == "auto" and device.type == "cpu" else None
-    config = replace(config, device=str(device), precision=resolve_precision(config.precision, device),
+    recorded = recorded_setting(cache, config, "precision") if config.precision == "auto" else None
+    check = torchrun_precision_check() if config.precision == "auto" and device.type == "cpu" and not recorded else None
+    config = replace(config, device=str(device), precision=recorded or resolve_precision(config.precision, device),
                      engine=resolve_engine(config.engine, device, recorded_setting(cache, config, "engine")))
     started_here = not dist.is_initialized()
     if started_here:
@@ -159,10 +160,11 @@ def _share(job: _Assignment | None) -> _Assignment | None:
 
 def torchrun_precision_check() -> PrecisionCheck:
     """What --precision auto settles on a CPU under torchrun: fp32, from the flags or by rule."""
-    check = choose_precision(None, None, None)
-    if check.precision == "fp32" and not check.images and "no bf16 units" in check.reason:
-        return check
-    return PrecisionCheck("fp32", "torchrun runs keep fp32 (bf16 is not checked across ranks)", check.isa)
+    flags = cpu_flags()
+    check = choose_precision(None, None, None, flags)
+    if any(f in flags for f in BF16_FLAGS):
+        return PrecisionCheck("fp32", "torchrun runs keep fp32 (bf16 is not checked across ranks)", check.isa)
+    return check
 
 
 def _lead(data, cache: Path, config: ExtractConfig, device: torch.device, world: TorchrunWorld, skip_bad: bool,
