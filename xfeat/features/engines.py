@@ -82,17 +82,17 @@ def openvino_runner(model: nn.Module, precision: str = "fp32", folder: Path | No
     core = ov.Core()
     digest = model_digest(model)
     folder = folder or cache_dir()
-    compiled: dict[tuple[int, ...], object] = {}
+    compiled: dict[tuple[int, ...], tuple] = {}  # input shape -> (compiled model, its infer request)
     config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": torch.get_num_threads()}
 
     def run(batch: torch.Tensor):
         shape = tuple(batch.shape[1:])
-        if shape not in compiled:
-            path = converted_model(model, shape, digest, folder)
-            compiled[shape] = core.compile_model(core.read_model(path), "CPU", config)
-        net = compiled[shape]
-        results = net.create_infer_request().infer({0: np.ascontiguousarray(batch.numpy())})
+        if shape not in compiled:  # one compiled model and one request per input shape, made once
+            net = core.compile_model(core.read_model(converted_model(model, shape, digest, folder)), "CPU", config)
+            compiled[shape] = (net, net.create_infer_request())
+        net, request = compiled[shape]
+        results = request.infer({0: np.ascontiguousarray(batch.numpy())})
         outputs = tuple(torch.from_numpy(np.array(results[out], dtype=np.float32)) for out in net.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -109,6 +109,7 @@ def converted_model(model: nn.Module, shape: tuple[int, ...], digest: str, folde
     xml = target / "model.xml"
     if xml.exists() and (target / "model.bin").exists():
         return xml
+    shutil.rmtree(target, ignore_errors=True)  # a conversion left half-done by an older xfeat or a full disk
     example = torch.zeros((1, *shape), dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         # the checks on the input's shape become constants of the trace: right, since one shape is one model

@@ -235,8 +235,9 @@ def extract(data: str | os.PathLike[str] | Dataset, cache: str | os.PathLike[str
     extractors = {name: build_extractor(name, config.weights) for name in config.backbones}
     choose = None
     if config.precision == "auto" and device.type == "cpu":  # the cache's precision, or one proved on this run
-        precision = recorded_setting(cache, config, "precision") or precision
-        if not recorded_setting(cache, config, "precision"):
+        recorded = recorded_setting(cache, config, "precision")
+        precision = recorded or precision
+        if not recorded:
             choose = partial(_check_precision, extractors=extractors, config=config, device=device)
 
     with CacheWriter(cache) as writer:
