@@ -17,12 +17,16 @@ channels-last) -> ``runner(model, device, "fp32" | "bf16")``, inputs resized wit
    bf16 autocast in its stem alone (``conv_stem`` + ``bn1``, the rest fp32): the stem's own output and the pooled
    features against fp32, beside the whole network in bf16.
 
+5. What ``--precision auto`` decides on ELPV: xfeat's own check on the first 4 images and on random draws of 4.
+
     python benchmarks/precision.py [--images 32] [--sizes 224x224,600x600] [--downstream-sizes 224x224,448x448]
+                                   [--sections 1,2,3,4,5] [--auto-draws 4]
 
 The CPU model and its vector ISA flags are printed first: bf16 is fast only with bf16 units (avx512_bf16, AMX);
-elsewhere it is emulated. The defaults took about 10 minutes on a 2-core AMD EPYC with avx512_bf16; on an
-AVX2-only one, where efficientnet_lite0 ran 0.1 images/s in bf16, section 2 alone would take hours (skip it with
-``--downstream-sizes ""``).
+elsewhere it is emulated. The defaults took about 10 minutes on a 2-core AMD EPYC with avx512_bf16. On an
+AVX2-only one (torch 2.14.1), ``--sections 1,2 --images 8 --sizes 224x224 --backbones efficientnet_lite0
+--synth-images 0`` took 23 minutes: logistic regression 177 decisions ``differ`` (71.81 vs 71.14 % BA), the SVM
+266 (seed ref 169); ``--sections 5 --auto-draws 12`` took 24 s: ``fp32`` on every draw (worst cos 0.988-0.998).
 
 Measured there (torch 2.14.1, AMD EPYC with avx512_bf16, no AMX), in the labels the script prints: bf16 autocast
 is faster (section 3, ``bf16/fp32`` 1.6-2x) but NOT close on real weights: efficientnet_lite0 on all ELPV images at
@@ -61,7 +65,9 @@ from xfeat.features.extractor import build_extractor
 from xfeat.convert.methods import convert
 from xfeat.io.dataset import find_images
 from xfeat.io.images import read_image
+from xfeat.features.extract import CHECK_IMAGES
 from xfeat.features.inference import prepare_model, runner
+from xfeat.features.precision import COSINE_MIN, REL_L2_MAX, choose_precision
 from xfeat.convert.scan import scan_dataset
 from xfeat.synth import make_dataset
 
@@ -318,6 +324,24 @@ def speed_section(args, elpv: np.ndarray) -> None:
         print(f"{backbone:18s} {rate['fp32']:10.2f} {rate['bf16']:10.2f} {rate['bf16'] / rate['fp32']:8.2f}x", flush=True)
 
 
+def auto_section(args, elpv: np.ndarray) -> None:
+    """What ``--precision auto`` decides on ELPV: xfeat's own check (``choose_precision``: every image of the run's
+    first batch of CHECK_IMAGES must reach the thresholds) on the first images in the package's order, as a run
+    would start, and on random draws of as many images, told that the CPU has bf16 units so that it runs here."""
+    size = parse_sizes(args.auto_size)[0]
+    fp32, bf16 = runners("efficientnet_lite0")
+    rng = np.random.default_rng(0)
+    draws = [np.arange(CHECK_IMAGES)] + [rng.choice(len(elpv), CHECK_IMAGES, replace=False)
+                                        for _ in range(args.auto_draws)]
+    print(f"\n5. --precision auto on ELPV, efficientnet_lite0 (ImageNet), {size[0]}x{size[1]}: the check on "
+          f"{CHECK_IMAGES} images (cosine >= {COSINE_MIN}, relative L2 <= {REL_L2_MAX}), torch bf16 autocast")
+    print(f"{'images':24s} {'worst cos':>9s} {'worst relL2':>11s} decision")
+    for images in draws:
+        check = choose_precision(fp32, bf16, to_input(elpv[images], size), flags={"amx_bf16"})
+        print(f"{','.join(map(str, images)):24s} {check.worst_cosine:9.5f} {check.worst_rel_l2:11.4f} "
+              f"{check.precision}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32, help="ELPV images for the closeness table")
@@ -329,8 +353,12 @@ def main() -> None:
     parser.add_argument("--speed-size", default="1024x512")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass at 224x224 (fewer if larger)")
+    parser.add_argument("--auto-size", default="224x224", help="input size of section 5")
+    parser.add_argument("--auto-draws", type=int, default=4, help="random image draws of section 5")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which to run (1 feeds 2)")
     parser.add_argument("--modules-csv", default=MODULES_CSV)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
 
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -339,13 +367,18 @@ def main() -> None:
     elpv, abnormal, modules = load_elpv(args.modules_csv)
     workdir = Path(tempfile.mkdtemp(prefix="xfeat-precision-"))
     try:
-        synth = synthetic_electrodes(args.synth_images, workdir) if args.synth_images else {}
-        full = elpv_features(args, elpv)
-        closeness_section(args, elpv, synth, full)
-        if full:
-            downstream_section(abnormal, modules, full)
-        speed_section(args, elpv)
-        origin_section(args, elpv)
+        if sections & {"1", "2"}:
+            synth = synthetic_electrodes(args.synth_images, workdir) if args.synth_images else {}
+            full = elpv_features(args, elpv)
+            closeness_section(args, elpv, synth, full)
+            if full and "2" in sections:
+                downstream_section(abnormal, modules, full)
+        if "3" in sections:
+            speed_section(args, elpv)
+        if "4" in sections:
+            origin_section(args, elpv)
+        if "5" in sections:
+            auto_section(args, elpv)
     finally:
         shutil.rmtree(workdir)
     print(f"\n{time.perf_counter() - start:.0f} s in all")

@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="backbone weights file, when the model does not bundle them and they moved")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
-                   help="decoding processes overlapped with inference (default 2; 0 decodes in-process)")
+                   help="decoding processes overlapped with inference (default 2; 0 or 1 decode in-process)")
     p.add_argument("--maps", metavar="DIR", default=None,
                    help="write each image's anomaly map (PNG) into DIR: patch-scorer models (--clf patchcore)")
     add_max_pixels(p)

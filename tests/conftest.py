@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,19 @@ def write_dataset(root: Path, layout: dict[str, dict[str, int]], shape=(40, 24))
                 seed += 1
                 tifffile.imwrite(folder / f"img{k}.tif", random_image(seed, shape))
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def converted_models_in_the_sessions_folder(tmp_path_factory) -> Iterator[None]:
+    """Extraction on a CPU converts models for OpenVINO (--engine auto) and keeps them per user: in the tests,
+    one folder for the session (shared by its tests and their subprocesses), never the user's."""
+    before = os.environ.get("XFEAT_CACHE_DIR")
+    os.environ["XFEAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("xfeat-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XFEAT_CACHE_DIR", None)
+    else:
+        os.environ["XFEAT_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="module")

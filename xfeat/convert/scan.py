@@ -12,6 +12,7 @@ image among colour photos (or a colour one among X-rays) is almost always a wron
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +21,7 @@ import numpy as np
 
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped
 from xfeat.errors import DataError
-from xfeat.io.hashing import file_sha256
+from xfeat.io.hashing import FileSignature, file_sha256, file_signature
 from xfeat.io.images import MAX_PIXELS, load_native, read_header
 from xfeat.io.parallel import map_chunks
 from xfeat.convert.folds import FoldWindows, fold_windows
@@ -38,6 +39,7 @@ class ScannedImage:
     bit_depth: int = 0
     problem: str = ""
     kind: str = "gray"  # "gray" (a gray-typed file), "colour" (true colour), "gray-as-colour" (equal channels)
+    signature: FileSignature | None = None  # the file's when it was hashed: a later read may reuse the hash
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,17 @@ def _hash_chunk(records: Sequence[ImageRecord], *, hashes: bool = True, max_pixe
         try:
             header = read_header(path, max_pixels=max_pixels)
             height, width, depth, kind = header.height, header.width, header.bit_depth, "gray"
-            sha256 = ""
+            sha256, signature = "", None
             if header.channels > 1:  # a colour-typed file: only decoding tells gray saved as colour from colour
                 image = load_native(path, max_pixels=max_pixels)
                 height, width = image.pixels.shape[:2]
                 depth, kind = image.pixels.dtype.itemsize * 8, _kind(image.pixels, header.channels)
-                sha256 = image.sha256  # read once: hashed while decoding
+                sha256, signature = image.sha256, image.signature  # read once: hashed while decoding
             elif hashes:
+                signature = file_signature(os.stat(path))  # before hashing: a write while hashing changes it
                 sha256 = file_sha256(path)
-            scanned.append(ScannedImage(sha256 if hashes else "", height, width, depth, kind=kind))
+            scanned.append(ScannedImage(sha256 if hashes else "", height, width, depth, kind=kind,
+                                        signature=signature if hashes else None))
         except DataError as e:
             scanned.append(ScannedImage(problem=e.problem))
         except OSError as e:
@@ -109,7 +113,7 @@ def _scan_chunk(records: Sequence[ImageRecord], *, max_pixels: int = MAX_PIXELS
         hists[record.bundle] += pixel_histogram(gray_of(image.pixels))  # what the gray methods window
         h, w = image.pixels.shape[:2]
         scanned.append(ScannedImage(image.sha256, h, w, image.pixels.dtype.itemsize * 8,
-                                    kind=_kind(image.pixels, image.channels)))
+                                    kind=_kind(image.pixels, image.channels), signature=image.signature))
     return hists, scanned
 
 

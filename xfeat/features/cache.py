@@ -65,6 +65,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def size_token(height: int, width: int, tiles: str = "") -> str:
+    """How a group's geometry is named: ``2000x1000``, or ``512x512_t4x2`` for 4 x 2 tiles (``tiles``) of 512 x 512."""
+    return f"{height}x{width}" + (f"_t{tiles}" if tiles else "")
+
+
 @dataclass(frozen=True)
 class GroupSettings:
     """Everything that decides a group's features; a run whose settings differ never writes into it."""
@@ -96,7 +101,7 @@ class GroupSettings:
     @property
     def size_token(self) -> str:
         """How a group's geometry is named: ``2000x1000``, or ``512x512_t4x2`` for 4 x 2 tiles of 512 x 512."""
-        return f"{self.input_height}x{self.input_width}" + (f"_t{self.tiles}" if self.tiles else "")
+        return size_token(self.input_height, self.input_width, self.tiles)
 
     @property
     def key(self) -> str:

@@ -115,7 +115,14 @@ def converted_model(model: nn.Module, shape: tuple[int, ...], digest: str, folde
         # the checks on the input's shape become constants of the trace: right, since one shape is one model
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # OpenVINO traces with torch.jit, which torch deprecates
-        converted = ov.convert_model(model, example_input=example, input=[ov.PartialShape([-1, *shape])])
+        try:
+            converted = ov.convert_model(model, example_input=example, input=[ov.PartialShape([-1, *shape])])
+        except Exception as e:  # an operation OpenVINO's frontend does not know: torch still runs the model
+            lines = [line.strip(" -") for line in str(e).splitlines() if line.strip(" -")]
+            unknown = [line for line in lines if line.startswith("No conversion rule")]
+            reason = (unknown or lines[-1:] or [type(e).__name__])[0][:200]
+            raise XfeatError(f"OpenVINO cannot convert {getattr(model, 'name', type(model).__name__)} "
+                             f"({reason}); use --engine torch") from None
     folder.mkdir(parents=True, exist_ok=True)
     aside = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder))
     try:

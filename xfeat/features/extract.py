@@ -10,41 +10,37 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import tempfile
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from xfeat.features.backbones import get_spec
 from xfeat.features.extractor import build_extractor
 from xfeat.features.local import (Tapped, check_taps, local_params, local_stages, local_statistics, map_grid,
                                   patch_maps, patch_params)
 from xfeat.features.tiles import Tiling
-from xfeat.features.cache import FLIPS, GroupSettings, Rows, _settings_groups, cache_bytes, open_cache
+from xfeat.features.cache import (FLIPS, GroupSettings, Rows, _settings_groups, cache_bytes, open_cache,
+                                  size_token)
 from xfeat.features.writer import CacheWriter
-from xfeat.convert.methods import NEEDS_STATS, check_method, convert
+from xfeat.convert.methods import NEEDS_STATS, check_method
+from xfeat.features.decoding import Work, decode_work, image_batches
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_leaks
 from xfeat.errors import DataError, XfeatError
-from xfeat.io.images import MAX_PIXELS, load_native, megapixels
-from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
+from xfeat.io.images import MAX_PIXELS, megapixels
 from xfeat.features.engines import ENGINES, openvino_runner, resolve_engine
-from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
+from xfeat.features.inference import host_batch, prepare_model, resolve_precision, runner, select_device
 from xfeat.features.precision import BF16_FLAGS, PrecisionCheck, choose_precision, cpu_flags
-from xfeat.convert.scan import Scan, scan_dataset
+from xfeat.convert.scan import Scan, ScannedImage, scan_dataset
 from xfeat.convert.stats import WindowStats
 
 CHECK_IMAGES = 4  # images --precision auto compares fp32 and bf16 on
 # Below this many pixels to decode (about 40 full-size X-rays, or 2,000 photos of 224 x 224), images are decoded in
-# this process: spawning the decoding workers (each imports torch: about 2.5 s on 2 cores) would cost more.
+# this process: starting decoding workers where the scan left none running (0.7 s on 2 cores) would cost more.
 IN_PROCESS_PIXELS = 100_000_000
 RESIZE = "cv2.INTER_AREA"
 PIXEL_BUDGET = 4_000_000  # input pixels per forward pass: larger batches only add memory traffic on a CPU
@@ -62,9 +58,9 @@ class ExtractConfig:
     weights: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"
-    engine: str = "torch"  # torch | openvino | auto (xfeat.features.engines); resolved before planning
+    engine: str = "auto"  # auto | torch | openvino (xfeat.features.engines); resolved before planning
     batch_size: int | None = None  # images per forward pass (each gives `flips` samples)
-    workers: int | None = None  # decoding processes; 0 decodes in this process
+    workers: int | None = None  # decoding processes; 0 or 1 decode in this process
     jobs: int | None = None  # processes for the statistics pass
     stats: WindowStats | None = None
     max_pixels: int = MAX_PIXELS  # images (and the input size) declaring more pixels are refused undecoded
@@ -142,74 +138,6 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds else 0.0
-
-
-@dataclass(frozen=True)
-class Work:
-    """One image to decode, and the methods to convert it with."""
-
-    record: ImageRecord
-    methods: tuple[str, ...]
-
-
-class _ConvertedImages(TorchDataset):
-    """Reads one image and gives its conversions for the needed methods, resized: runs in loader workers."""
-
-    def __init__(self, work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, *,
-                 max_pixels: int = MAX_PIXELS) -> None:
-        self.work, self.size, self.stats = work, size, stats
-        self.max_pixels = max_pixels  # travels to the workers with the object: spawned processes share no globals
-        self._payload: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.work)
-
-    def __getstate__(self) -> dict:
-        """What a spawned worker receives: the path of a file holding the work, not the work itself.
-
-        multiprocessing writes a new process's arguments into a pipe while it still holds the pipe's read end
-        itself, so a worker that dies before reading more than the pipe's 64 KB would block the extraction
-        forever. A path is ~100 bytes; a dead worker then surfaces as DataLoader's "worker exited unexpectedly".
-        """
-        if self._payload is None:
-            fd, self._payload = tempfile.mkstemp(prefix="xfeat-work-", suffix=".pickle")
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump((self.work, self.stats), f, protocol=pickle.HIGHEST_PROTOCOL)
-            weakref.finalize(self, os.unlink, self._payload)
-        return {"size": self.size, "payload": self._payload, "max_pixels": self.max_pixels}
-
-    def __setstate__(self, state: dict) -> None:
-        with open(state["payload"], "rb") as f:
-            self.work, self.stats = pickle.load(f)
-        self.size, self.max_pixels, self._payload = state["size"], state["max_pixels"], None
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.work[i]
-        try:
-            image = load_native(item.record.path, max_pixels=self.max_pixels)
-            pixels = {m: _to_input(convert(image.pixels, m, self.stats), self.size) for m in item.methods}
-        except XfeatError as e:
-            problem = e.problem if isinstance(e, DataError) else str(e)
-            return {"index": i, "problem": problem}
-        h, w = image.pixels.shape[:2]
-        return {"index": i, "problem": "", "sha256": image.sha256, "height": h, "width": w, "pixels": pixels}
-
-
-def _to_input(converted: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize to (H, W) and lay out as [C, H, W] uint8 (C = 1 for gray methods, 3 for m4 and rgb)."""
-    height, width = size
-    resized = cv2.resize(converted, (width, height), interpolation=cv2.INTER_AREA)
-    return resized[None] if resized.ndim == 2 else np.ascontiguousarray(resized.transpose(2, 0, 1))
-
-
-def _collate(items: list[dict]) -> list[dict]:
-    return items  # stacking happens per method in the main process, where it knows which images need what
-
-
-def _worker_init(_: int, tie: tuple[int, bool]) -> None:
-    init_worker(*tie)  # die with the parent, leave Ctrl-C to it: a killed run must not leave workers behind
-    torch.set_num_threads(1)  # the cores belong to inference; decoding is light
-    cv2.setNumThreads(1)
 
 
 def _flip_variants(x: torch.Tensor, flips: Sequence[str]) -> torch.Tensor:
@@ -299,7 +227,7 @@ def plan_extraction(writer: CacheWriter, dataset: Dataset, config: ExtractConfig
                    {b: (e.fc_weight.numpy(), e.fc_bias.numpy()) for b, e in extractors.items()},
                    stats if needs_stats else None,
                    scan.bundle_histograms if fitted_here else None, scan.images_per_bundle() if fitted_here else None)
-    work = _plan(writer, groups, scan.records, [s.sha256 for s in scan.images])
+    work = _plan(writer, groups, scan.records, scan.images)
     return Plan(scan, stats, groups, work, precision, check)
 
 
@@ -317,9 +245,9 @@ def _check_precision(records: Sequence[ImageRecord], stats: WindowStats | None, 
     if not any(f in flags for f in BF16_FLAGS):
         return choose_precision(None, None, None, flags)  # decided by the flags: nothing to run
     method = config.methods[0]
-    images = _ConvertedImages([Work(r, (method,)) for r in records[:CHECK_IMAGES]], config.input_size, stats,
-                              max_pixels=config.max_pixels)
-    pixels = [item["pixels"][method] for item in (images[i] for i in range(len(images))) if not item["problem"]]
+    decoded = [decode_work(Work(r, (method,)), config.input_size, stats, max_pixels=config.max_pixels)
+               for r in records[:CHECK_IMAGES]]
+    pixels = [item["pixels"][method] for item in decoded if not item["problem"]]
     batch = torch.from_numpy(np.stack(pixels)) if pixels else None
     checks = [choose_precision(tap_runner(e, config.taps, device, "fp32", config.engine),
                                tap_runner(e, config.taps, device, "bf16", config.engine), batch, flags)
@@ -340,8 +268,12 @@ def _settings(extractor, backbone: str, method: str, tap: str, config: ExtractCo
         resize=RESIZE, precision=precision, engine=config.engine, precision_check=check.to_json() if check else "",
         g_min=stats.g_min if stats else -1, g_max=stats.g_max if stats else -1,
         tap=tap, tap_params=json.dumps(params, sort_keys=True) if params else "",
-        tiles=f"{tiles.rows}x{tiles.cols}" if tiles else "", tile_overlap=tiles.overlap if tiles else 0.0,
+        tiles=_tiles_text(tiles), tile_overlap=tiles.overlap if tiles else 0.0,
         tile_combine=tiles.combine if tiles else "", storage="float16" if tap == "patches" else config.storage)
+
+
+def _tiles_text(tiles: Tiling | None) -> str:
+    return f"{tiles.rows}x{tiles.cols}" if tiles else ""
 
 
 def tap_layout(backbone: str, tap: str, config: ExtractConfig, pooled_dim: int) -> tuple[dict, int]:
@@ -370,24 +302,28 @@ def tap_runner(extractor, taps: Sequence[str], device: torch.device, precision: 
 
 
 def recorded_setting(cache: str | os.PathLike[str], config: ExtractConfig, name: str) -> str | None:
-    """A setting (engine, precision) the cache's groups of these backbones and methods were computed with (for
-    the engine, torch in caches written before engines were recorded); None when it holds none."""
+    """A setting (engine, precision) the cache's groups of these backbones, methods and geometry were computed
+    with (for the engine, torch in caches written before engines were recorded); None when it holds none, and
+    for groups of another input size, which this run does not write into (``auto`` decides afresh there)."""
     if not Path(cache).exists():
         return None
+    geometry = size_token(*config.size, _tiles_text(config.tiles))
     with open_cache(cache) as f:
         for group in _settings_groups(f):
             settings = GroupSettings.from_attrs(group.attrs)
-            if settings.backbone in config.backbones and settings.method in config.methods:
+            if (settings.backbone in config.backbones and settings.method in config.methods
+                    and settings.size_token == geometry):
                 return getattr(settings, name)
     return None
 
 
 def _plan(writer: CacheWriter, groups: dict[tuple[str, str, str], GroupSettings], records: Sequence[ImageRecord],
-          hashes: Sequence[str]) -> list[Work]:
+          scanned: Sequence[ScannedImage]) -> list[Work]:
     """Which images need which methods (an image missing from any tap's group is computed again for all of the
     method's taps: they come from one forward pass); labels or bundles changed for cached images are updated in
     place."""
     missing: dict[int, set[str]] = {}
+    hashes = [s.sha256 for s in scanned]
     in_dataset = {str(r.path) for r in records}
     for (_, method, _), settings in groups.items():
         cached = writer.cached_images(settings.key)
@@ -406,7 +342,8 @@ def _plan(writer: CacheWriter, groups: dict[tuple[str, str, str], GroupSettings]
             writer.add({settings.key: Rows(None, [str(r.path) for r in relabelled], [r.relpath for r in relabelled],
                                            [r.bundle for r in relabelled], [r.label for r in relabelled])})
     methods_in_order = list(dict.fromkeys(m for _, m, _ in groups))
-    return [Work(records[i], tuple(m for m in methods_in_order if m in methods))
+    return [Work(records[i], tuple(m for m in methods_in_order if m in methods),
+                 (scanned[i].signature, scanned[i].sha256) if scanned[i].signature else None)
             for i, methods in sorted(missing.items())]
 
 
@@ -417,45 +354,11 @@ def _rows(features: np.ndarray, records: Sequence[ImageRecord], items: Sequence[
                 width=[it["width"] for it in items])
 
 
-def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, per_batch: int,
-                  workers: int | None, device: torch.device, *, max_pixels: int = MAX_PIXELS
-                  ) -> Iterator[list[dict]]:
-    """Batches of decoded, converted, resized images (lists of dicts: ``index`` into ``work``, ``problem``
-    ("" when fine), ``sha256``, ``height``, ``width``, ``pixels`` {method: [C, H, W] uint8}), decoded in
-    ``workers`` spawned processes (default: up to 2; 0 decodes here) while the caller runs inference. An image
-    declaring more than ``max_pixels`` pixels is a ``problem``, found from its header before decoding.
-
-    A worker process that dies (killed, out of memory) ends the iteration with a one-line XfeatError; what
-    the caller has committed stays committed."""
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    loader = DataLoader(_ConvertedImages(work, size, stats, max_pixels=max_pixels), batch_size=per_batch, shuffle=False,
-                        num_workers=workers, collate_fn=_collate,
-                        # parent_tie() here: iter(loader) below starts the workers from this same thread
-                        worker_init_fn=partial(_worker_init, tie=parent_tie()) if workers else None,
-                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
-                        # fresh interpreters: a forked child inherits thread pools (OpenMP, OpenCV) it can hang on
-                        multiprocessing_context="spawn" if workers else None)
-    with workers_ignore_ctrl_c():  # iter() starts the workers: Ctrl-C is for this process alone
-        batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            if "exited unexpectedly" not in str(e):
-                raise
-            raise XfeatError(f"an image-decoding worker process died ({e}); run the command again to resume, "
-                             f"or use --workers 0 to decode in this process") from e
-        yield batch
-
-
 def _compute(work: list[Work], groups, models, writer: CacheWriter, config: ExtractConfig,
              stats: WindowStats | None, device: torch.device, skip_bad: bool, skipped: list,
              progress: Callable[[int], None] | None) -> int:
     per_batch = config.images_per_batch()
-    loader = image_batches(work, config.input_size, stats, per_batch, config.workers, device,
-                           max_pixels=config.max_pixels)
+    loader = image_batches(work, config.input_size, stats, per_batch, config.workers, max_pixels=config.max_pixels)
     params = {key: json.loads(s.tap_params) for key, s in groups.items() if s.tap == "patches"}
     computed = 0
     last_commit = time.monotonic()
@@ -474,7 +377,7 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
             items = [it for it in good if method in work[it["index"]].methods]
             if not items:
                 continue
-            x = torch.from_numpy(np.stack([it["pixels"][method] for it in items]))
+            x = host_batch([it["pixels"][method] for it in items], device)
             patches = params.get((backbone, method, "patches"))
             taps = batch_taps(models[backbone], x, config.flip_names, config.forward_batch(), config.tiles,
                               config.taps, patches)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,6 +127,13 @@ def prepare_model(model: nn.Module, device: torch.device, *, fold: bool = True,
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def host_batch(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Stack [C, H, W] uint8 images into one batch on the host: in pinned memory when it goes to a CUDA device,
+    so that the runner's copy overlaps the computation."""
+    batch = torch.from_numpy(np.stack(images))
+    return batch.pin_memory() if device.type == "cuda" else batch
 
 
 def runner(model: nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:

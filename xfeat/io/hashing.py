@@ -8,6 +8,18 @@ from functools import lru_cache
 from pathlib import Path
 
 
+FileSignature = tuple[int, int, int, int]
+
+
+def file_signature(stat: os.stat_result) -> FileSignature:
+    """What changes whenever a file's bytes change: inode, size, modification and status-change times (ns).
+
+    Equal signatures taken before one read and after another mean no write came between: the second read may
+    reuse the first one's hash. (A write landing in the same clock tick as the first ``stat`` is the one miss; a
+    row hashed so is found changed and recomputed by the next run.)"""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 hex digest of a file's bytes, read in blocks; remembered per (path, size, mtime) in this process,
     so a weights file hashed for every model built is read once."""

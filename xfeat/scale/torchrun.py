@@ -39,8 +39,8 @@ from xfeat.io.dataset import Dataset, ImageRecord, find_images
 from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.features.engines import resolve_engine
 from xfeat.features.precision import BF16_FLAGS, PrecisionCheck, choose_precision, cpu_flags
-from xfeat.features.extract import (ExtractConfig, ExtractSummary, Work, extract, plan_extraction,
-                                    recorded_setting)
+from xfeat.features.decoding import Work
+from xfeat.features.extract import ExtractConfig, ExtractSummary, extract, plan_extraction, recorded_setting
 from xfeat.features.inference import resolve_precision, select_device
 from xfeat.convert.stats import WindowStats
 

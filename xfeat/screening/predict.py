@@ -1,6 +1,6 @@
 """Screen new images with a model: conversion, backbone and classifier, exactly as ``xfeat extract`` + the cache.
 
-Features are computed by extraction's own pipeline (``xfeat.features.extract.image_batches`` and ``batch_features``),
+Features are computed by extraction's own pipeline (``xfeat.features.decoding.image_batches`` and ``batch_taps``),
 with the model's conversion statistics and a forward batch of the size extraction used, so an image scored
 here gets the score it would get from its cached features, bitwise on the same machine. A cache given with
 ``cache=`` is read (never written) for the images it already holds with the same content and settings.
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from xfeat.features.cache import CacheError
 from xfeat.io.dataset import ImageRecord, image_files, parse_label
@@ -28,13 +27,14 @@ from xfeat.io.atomic import atomic_write
 from xfeat.io.manifest import manifest_path, read_manifest
 from xfeat.errors import DataError, XfeatError, XfeatWarning
 from xfeat.learn.threads import one_thread
-from xfeat.features.extract import ExtractConfig, Work, batch_taps, image_batches, tap_runner
+from xfeat.features.decoding import Work, image_batches
+from xfeat.features.extract import ExtractConfig, batch_taps, tap_runner
 from xfeat.features.reading import fc1000, load_features, parse_layer
 from xfeat.features.tiles import Tiling
 from xfeat.io.hashing import file_sha256
 from xfeat.io.images import MAX_PIXELS
 from xfeat.features.engines import resolve_engine
-from xfeat.features.inference import resolve_precision, select_device
+from xfeat.features.inference import host_batch, resolve_precision, select_device
 from xfeat.screening.model import ScreeningModel, model_extractor
 
 PREDICTION_COLUMNS = ("path", "score", "decision", "threshold", "error", "bundle", "label", "source", "map")
@@ -217,12 +217,11 @@ def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, devic
     fc_weight, fc_bias = extractor.fc_weight.numpy(), extractor.fc_bias.numpy()
     features, failed = {}, {}
     per_batch = config.images_per_batch() * s.n_flips  # unflipped only: as many images as extraction's inputs
-    for batch in image_batches(work, config.input_size, model.window_stats, per_batch, workers, device,
-                               max_pixels=max_pixels):
+    for batch in image_batches(work, config.input_size, model.window_stats, per_batch, workers, max_pixels=max_pixels):
         good = [item for item in batch if not item["problem"]]
         failed.update({item["index"]: item["problem"] for item in batch if item["problem"]})
         if good:
-            x = torch.from_numpy(np.stack([item["pixels"][s.method] for item in good]))
+            x = host_batch([item["pixels"][s.method] for item in good], device)
             X = _layer_rows(model.layer, batch_taps(run, x, ("none",), forward_batch, tiles, taps, patches),
                             fc_weight, fc_bias)
             features.update({item["index"]: row for item, row in zip(good, X)})
