@@ -341,6 +341,24 @@ def test_a_deleted_cache_with_a_leftover_journal_starts_afresh(tmp_path, extract
     assert not list(journal.glob("*.npz"))
 
 
+def test_decoding_runs_a_bounded_number_of_batches_ahead_of_inference(tmp_path):
+    """Inference is often the slower side: the workers must not decode the whole dataset into memory ahead of
+    it. Files removed while the caller holds its first batch show which batches had been decoded already."""
+    import time
+
+    from xfeat.io.dataset import find_images
+    from xfeat.features.decoding import AHEAD, Work, image_batches
+
+    dataset = find_images(write_dataset(tmp_path / "data", {"B1": {"normal": 20}}))
+    batches = image_batches([Work(r, ("m1",)) for r in dataset.records], (16, 8), None, per_batch=1, workers=2)
+    assert next(batches)[0]["problem"] == ""
+    time.sleep(1.0)  # whatever was sent to the workers is decoded by now
+    for record in dataset.records:
+        record.path.unlink()
+    decoded_ahead = sum(batch[0]["problem"] == "" for batch in batches)
+    assert 1 <= decoded_ahead <= AHEAD * 2  # not all 19
+
+
 def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
     """A worker killed mid-run (OOM killer, a user's kill) ends the iteration with an XfeatError, not a hang
     and not a torch traceback."""
@@ -354,10 +372,11 @@ def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
 
     dataset = find_images(write_dataset(tmp_path / "data", {"B1": {"normal": 24}}))
     work = [Work(r, ("m1",)) for r in dataset.records]
+    before = {p.pid for p in psutil.Process(os.getpid()).children()}  # joblib's pool of earlier tests, if any
     batches = image_batches(work, (16, 8), None, per_batch=1, workers=2)
     assert next(batches)[0]["problem"] == ""
-    workers = [p for p in psutil.Process(os.getpid()).children()
-               if "loky" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process(os.getpid()).children() if p.pid not in before
+               and "loky" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
     assert len(workers) == 2
     workers[0].kill()
     with pytest.raises(XfeatError, match="worker process died"):

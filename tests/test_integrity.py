@@ -377,3 +377,34 @@ def test_a_file_changed_between_the_scan_and_its_decoding_is_stored_with_its_new
     assert stored[str(victim)] == hashlib.sha256(victim.read_bytes()).hexdigest()
     others = [p for p in data.rglob("*.tif") if p != victim]
     assert all(stored[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest() for p in others)
+
+
+def test_extraction_hashes_each_unchanged_file_once(tmp_path, monkeypatch):
+    """The scan hashes every file; decoding a file the scan saw unchanged reuses that hash (3 ms per X-ray)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import tifffile
+
+    import xfeat.io.images as images
+
+    decoded_and_hashed = []
+
+    def sha256(data=b""):
+        decoded_and_hashed.append(len(data))
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(images, "hashlib", SimpleNamespace(sha256=sha256))
+    data = tmp_path / "d"
+    assert main(["synth", str(data), "--images", "6", "--bundles", "2", "--size", "64x32", "--seed", "1",
+                 "--jobs", "1", "--quiet"]) == 0
+    cache = tmp_path / "c.h5"
+    assert main(["extract", str(data), "--cache", str(cache), *ARGS, "--quiet"]) == 0
+    assert len(decoded_and_hashed) == 6  # the window's scan decodes and hashes; extraction reuses its hashes
+    new = data / "B01" / "normal" / "new.tif"
+    tifffile.imwrite(new, tifffile.imread(next(data.rglob("*.tif")))[::-1].copy())
+    decoded_and_hashed.clear()
+    assert main(["extract", str(data), "--cache", str(cache), *ARGS, "--quiet"]) == 0
+    assert decoded_and_hashed == []  # the scan hashed the files without decoding; the new one is not hashed again
+    rows = load_features(cache, backbone="resnet18", method="m2")
+    assert dict(zip(map(str, rows.paths), rows.sha256))[str(new)] == hashlib.sha256(new.read_bytes()).hexdigest()

@@ -12,7 +12,6 @@ image among colour photos (or a colour one among X-rays) is almost always a wron
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +20,7 @@ import numpy as np
 
 from xfeat.io.dataset import Dataset, ImageRecord, Skipped
 from xfeat.errors import DataError
-from xfeat.io.hashing import FileSignature, file_sha256, file_signature
+from xfeat.io.hashing import FileSignature, hash_file
 from xfeat.io.images import MAX_PIXELS, load_native, read_header
 from xfeat.io.parallel import map_chunks
 from xfeat.convert.folds import FoldWindows, fold_windows
@@ -86,8 +85,7 @@ def _hash_chunk(records: Sequence[ImageRecord], *, hashes: bool = True, max_pixe
                 depth, kind = image.pixels.dtype.itemsize * 8, _kind(image.pixels, header.channels)
                 sha256, signature = image.sha256, image.signature  # read once: hashed while decoding
             elif hashes:
-                signature = file_signature(os.stat(path))  # before hashing: a write while hashing changes it
-                sha256 = file_sha256(path)
+                sha256, signature = hash_file(path)
             scanned.append(ScannedImage(sha256 if hashes else "", height, width, depth, kind=kind,
                                         signature=signature if hashes else None))
         except DataError as e:

@@ -1,24 +1,24 @@
 """Decoding for extraction and prediction: each image read once, converted with every method the run needs,
 resized to the network's input, in worker processes that never import torch.
 
-The workers are joblib's (loky) processes, the ones the scan that precedes extraction has just used: a run
-does not start a second pool, and a worker that does start imports numpy and OpenCV only (a fraction of a
-second, where a torch DataLoader worker took about 2.5 s on 2 cores). They die with this process and leave
+The workers are loky processes (joblib's executor) that import numpy and OpenCV only: they start in a fraction
+of a second, where a torch DataLoader worker took about 2.5 s on 2 cores. They die with this process and leave
 Ctrl-C to it (``xfeat.io.processes``).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 
 import cv2
 import numpy as np
-from joblib import delayed
+from joblib.externals.loky import ProcessPoolExecutor
 
 from xfeat.convert.methods import convert
 from xfeat.convert.stats import WindowStats
@@ -26,7 +26,9 @@ from xfeat.errors import DataError, XfeatError
 from xfeat.io.dataset import ImageRecord
 from xfeat.io.hashing import FileSignature
 from xfeat.io.images import MAX_PIXELS, load_native
-from xfeat.io.processes import tied_parallel, workers_ignore_ctrl_c
+from xfeat.io.processes import init_worker, parent_tie, workers_ignore_ctrl_c
+
+AHEAD = 2  # batches per worker decoded ahead of the one inference is running on
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,10 @@ def _decode_batch(batch: Sequence[tuple[int, Work]], size: tuple[int, int], stat
 def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStats | None, per_batch: int,
                   workers: int | None = None, *, max_pixels: int = MAX_PIXELS) -> Iterator[list[dict]]:
     """Batches of ``per_batch`` decoded images, in order (dicts of ``decode_work`` plus ``index`` into
-    ``work``), decoded ahead in ``workers`` processes (default: up to 2; 0 or 1 decode here, as joblib runs one
-    job) while the caller runs inference. An image declaring more than ``max_pixels`` pixels is a ``problem``, found from its header.
+    ``work``), decoded ahead in ``workers`` processes (default: up to 2; 0 or 1 decode here) while the caller
+    runs inference. At most ``AHEAD`` batches per worker are decoded and not yet taken, so memory stays bounded
+    when inference is the slower side. An image declaring more than ``max_pixels`` pixels is a ``problem``,
+    found from its header.
 
     A worker process that dies (killed, out of memory) ends the iteration with a one-line XfeatError; what
     the caller has committed stays committed."""
@@ -81,14 +85,22 @@ def image_batches(work: Sequence[Work], size: tuple[int, int], stats: WindowStat
     if in_process:
         yield from map(decode, batches)
         return
-    with workers_ignore_ctrl_c():  # the call starts the workers (or wakes the scan's) and dispatches ahead
-        results = tied_parallel(n_jobs=workers, return_as="generator")(delayed(decode)(b) for b in batches)
+    pending: deque[Future] = deque()
+    with workers_ignore_ctrl_c():  # the workers start here: Ctrl-C is for this process alone
+        # A pool of its own: loky's reusable one is joblib's, which expects its own settings on it.
+        executor = ProcessPoolExecutor(max_workers=workers, initializer=init_worker, initargs=parent_tie())
     try:
-        yield from results
+        with workers_ignore_ctrl_c():
+            pending.extend(executor.submit(decode, b) for b in batches[:AHEAD * workers])
+        for following in [*batches[AHEAD * workers:], *[None] * len(pending)]:
+            done = pending.popleft().result()
+            if following is not None:
+                pending.append(executor.submit(decode, following))
+            yield done
     except BrokenProcessPool as e:  # loky's TerminatedWorkerError is one
         raise XfeatError(f"an image-decoding worker process died ({str(e).splitlines()[0]}); run the command "
                          "again to resume, or use --workers 0 to decode in this process") from e
-    finally:  # a caller that stops early (a bad file) cancels the rest, without joblib's remark on it
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*You could benefit from adjusting the input task iterator")
-            results.close()
+    finally:  # a caller that stops early (a bad file, Ctrl-C) leaves nothing queued and no worker running
+        for future in pending:
+            future.cancel()
+        executor.shutdown(wait=True, kill_workers=True)

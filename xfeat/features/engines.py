@@ -122,7 +122,7 @@ def converted_model(model: nn.Module, shape: tuple[int, ...], digest: str, folde
             unknown = [line for line in lines if line.startswith("No conversion rule")]
             reason = (unknown or lines[-1:] or [type(e).__name__])[0][:200]
             raise XfeatError(f"OpenVINO cannot convert {getattr(model, 'name', type(model).__name__)} "
-                             f"({reason}); use --engine torch") from None
+                             f"({reason}); use --engine torch") from e
     folder.mkdir(parents=True, exist_ok=True)
     aside = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder))
     try:

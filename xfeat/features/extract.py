@@ -33,14 +33,14 @@ from xfeat.io.dataset import Dataset, ImageRecord, Skipped, find_images, warn_le
 from xfeat.errors import DataError, XfeatError
 from xfeat.io.images import MAX_PIXELS, megapixels
 from xfeat.features.engines import ENGINES, openvino_runner, resolve_engine
-from xfeat.features.inference import host_batch, prepare_model, resolve_precision, runner, select_device
+from xfeat.features.inference import prepare_model, resolve_precision, runner, select_device
 from xfeat.features.precision import BF16_FLAGS, PrecisionCheck, choose_precision, cpu_flags
 from xfeat.convert.scan import Scan, ScannedImage, scan_dataset
 from xfeat.convert.stats import WindowStats
 
 CHECK_IMAGES = 4  # images --precision auto compares fp32 and bf16 on
 # Below this many pixels to decode (about 40 full-size X-rays, or 2,000 photos of 224 x 224), images are decoded in
-# this process: starting decoding workers where the scan left none running (0.7 s on 2 cores) would cost more.
+# this process: starting the decoding workers (0.7 s on 2 cores) would cost more.
 IN_PROCESS_PIXELS = 100_000_000
 RESIZE = "cv2.INTER_AREA"
 PIXEL_BUDGET = 4_000_000  # input pixels per forward pass: larger batches only add memory traffic on a CPU
@@ -377,7 +377,7 @@ def _compute(work: list[Work], groups, models, writer: CacheWriter, config: Extr
             items = [it for it in good if method in work[it["index"]].methods]
             if not items:
                 continue
-            x = host_batch([it["pixels"][method] for it in items], device)
+            x = torch.from_numpy(np.stack([it["pixels"][method] for it in items]))
             patches = params.get((backbone, method, "patches"))
             taps = batch_taps(models[backbone], x, config.flip_names, config.forward_batch(), config.tiles,
                               config.taps, patches)

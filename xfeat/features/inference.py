@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -129,13 +128,6 @@ def prepare_model(model: nn.Module, device: torch.device, *, fold: bool = True,
     return model
 
 
-def host_batch(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """Stack [C, H, W] uint8 images into one batch on the host: in pinned memory when it goes to a CUDA device,
-    so that the runner's copy overlaps the computation."""
-    batch = torch.from_numpy(np.stack(images))
-    return batch.pin_memory() if device.type == "cuda" else batch
-
-
 def runner(model: nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function uint8 batch (on the host) -> float32 features (on the host), with the right copies; a model
     giving a tuple of tensors gives a tuple."""
@@ -143,6 +135,8 @@ def runner(model: nn.Module, device: torch.device, precision: str) -> Callable[[
     memory_format = torch.channels_last if device.type != "mps" else torch.contiguous_format
 
     def run(batch: torch.Tensor) -> torch.Tensor:
+        if non_blocking:  # a page-locked copy of the final batch (flips, padding): the copy to the GPU is DMA
+            batch = batch.pin_memory()
         x = batch.to(device, non_blocking=non_blocking).contiguous(memory_format=memory_format)
         with torch.inference_mode(), autocast(device, precision):
             features = model(x)

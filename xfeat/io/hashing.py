@@ -30,8 +30,15 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 @lru_cache(maxsize=256)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return hash_file(path)[0]
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[str, FileSignature]:
+    """SHA-256 hex digest of a file's bytes, and the file's signature taken before reading them; never
+    remembered: a scan must see a file rewritten with its old size and times (``cp -p``, ``rsync -t``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:  # hashlib.file_digest would do this, but only from Python 3.11
+        signature = file_signature(os.fstat(f.fileno()))
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest.hexdigest(), signature

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from xfeat.features.cache import CacheError
 from xfeat.io.dataset import ImageRecord, image_files, parse_label
@@ -34,7 +35,7 @@ from xfeat.features.tiles import Tiling
 from xfeat.io.hashing import file_sha256
 from xfeat.io.images import MAX_PIXELS
 from xfeat.features.engines import resolve_engine
-from xfeat.features.inference import host_batch, resolve_precision, select_device
+from xfeat.features.inference import resolve_precision, select_device
 from xfeat.screening.model import ScreeningModel, model_extractor
 
 PREDICTION_COLUMNS = ("path", "score", "decision", "threshold", "error", "bundle", "label", "source", "map")
@@ -221,7 +222,7 @@ def _compute(model: ScreeningModel, images: Sequence[InputImage], weights, devic
         good = [item for item in batch if not item["problem"]]
         failed.update({item["index"]: item["problem"] for item in batch if item["problem"]})
         if good:
-            x = host_batch([item["pixels"][s.method] for item in good], device)
+            x = torch.from_numpy(np.stack([item["pixels"][s.method] for item in good]))
             X = _layer_rows(model.layer, batch_taps(run, x, ("none",), forward_batch, tiles, taps, patches),
                             fc_weight, fc_bias)
             features.update({item["index"]: row for item, row in zip(good, X)})
