@@ -13,7 +13,7 @@ configuration there; with bf16 units ``auto`` runs its check and is a column of 
 printed after the row. The CPU model and its vector ISA flags are printed beside the figures.
 
     python benchmarks/extract.py [--images 6] [--small-images 500] [--backbones resnet34,resnet50]
-                                 [--sizes 2000x1000,224x224]
+                                 [--sizes 2000x1000,224x224] [--repeats 1]
                                  [--precisions auto,fp32,bf16] [--engines torch,openvino]
 
 Each precision runs on each engine of ``--engines`` (``xfeat extract --engine``). OpenVINO converts a model once
@@ -83,6 +83,10 @@ def rate(seconds: float, images: int, finished: list[tuple[float, int]]) -> Rate
     return Rate(images / seconds, steady)
 
 
+def median_rate(rates: list[Rate]) -> Rate:
+    return Rate(float(np.median([r.whole for r in rates])), float(np.median([r.steady for r in rates])))
+
+
 def naive_loop(paths, backbone: str, size: tuple[int, int], stats) -> Rate:
     model = build_extractor(backbone, "none")
     mean = torch.tensor(model.mean).view(1, 3, 1, 1)
@@ -114,6 +118,9 @@ def xfeat_extract(data: Path, backbone: str, size: tuple[int, int], precision: s
                            device="cpu", precision=precision, engine=engine, stats=stats)
     start, finished = time.perf_counter(), []
 
+    for old in (cache, Path(f"{cache}.segments")):  # a repeat computes everything again
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
     def progress(n: int) -> None:
         finished.append((time.perf_counter() - start, (finished[-1][1] if finished else 0) + n))
 
@@ -130,6 +137,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="auto,fp32",
                         help="xfeat precisions to time (resolved first: each distinct one once)")
     parser.add_argument("--engines", default="torch,openvino", help="xfeat engines to time")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every path, alternated; medians shown")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="xfeat-bench-"))
     try:
@@ -154,25 +162,31 @@ def main() -> None:
         print("xfeat extract on the CPU, each configuration timed once: " + "; ".join(
             f"{p} <- --precision {', '.join(names)}" for p, names in columns.items()))
         print("whole: images / seconds of the whole run (xfeat: the command, start-up included); steady: after "
-              "the first batch; ratio: to the naive loop's")
+              f"the first batch; ratio: to the naive loop's; medians of {args.repeats} alternated run(s)")
         print(f"{'backbone':18s} {'size':>9s} {'path':18s} {'whole img/s':>11s} {'ratio':>6s} "
               f"{'steady img/s':>12s} {'ratio':>6s}")
         for backbone in args.backbones.split(","):
             for size in sizes:
                 data, paths, stats = datasets[counts[size]]
-                naive = naive_loop(paths, backbone, size, stats)
-                rows = [("naive loop", naive, "")]
-                for engine, precision in runs:
-                    converted = (f"  (converted or loaded first: {convert_once(backbone, size):.1f} s)"
-                                 if engine == "openvino" else "")
-                    measured, summary = xfeat_extract(data, backbone, size, precision, engine, workdir, stats)
-                    chose = (f"  (auto chose {summary.precision}: {summary.precision_check.reason})"
-                             if precision == "auto" and summary.precision_check else "")
-                    rows.append((f"{engine} {precision}", measured, converted + chose))
-                for path, measured, remark in rows:
-                    print(f"{backbone:18s} {size[0]:>4d}x{size[1]:<4d} {path:18s} {measured.whole:11.2f} "
-                          f"{measured.whole / naive.whole:5.2f}x {measured.steady:12.2f} "
-                          f"{measured.steady / naive.steady:5.2f}x{remark}", flush=True)
+                measured: dict[str, list[Rate]] = {}
+                remarks: dict[str, str] = {}
+                for _ in range(args.repeats):  # alternated: the machine's drift falls on every path alike
+                    measured.setdefault("naive loop", []).append(naive_loop(paths, backbone, size, stats))
+                    for engine, precision in runs:
+                        path = f"{engine} {precision}"
+                        if engine == "openvino" and path not in remarks:
+                            remarks[path] = f"  (converted or loaded first: {convert_once(backbone, size):.1f} s)"
+                        rate_, summary = xfeat_extract(data, backbone, size, precision, engine, workdir, stats)
+                        measured.setdefault(path, []).append(rate_)
+                        if precision == "auto" and summary.precision_check:
+                            remarks[path] = (remarks.get(path, "") + f"  (auto chose {summary.precision}: "
+                                             f"{summary.precision_check.reason})")
+                naive = median_rate(measured["naive loop"])
+                for path, rates in measured.items():
+                    m = median_rate(rates)
+                    print(f"{backbone:18s} {size[0]:>4d}x{size[1]:<4d} {path:18s} {m.whole:11.2f} "
+                          f"{m.whole / naive.whole:5.2f}x {m.steady:12.2f} {m.steady / naive.steady:5.2f}x"
+                          f"{remarks.get(path, '')}", flush=True)
     finally:
         shutil.rmtree(workdir)
 
