@@ -56,8 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="P",
                    help="auto (fp16 on CUDA; on a CPU bf16 if it proves itself), fp32, bf16, fp16")
-    p.add_argument("--engine", default="torch", choices=ENGINES, metavar="E",
-                   help="torch (default), openvino (CPU, faster), auto")
+    p.add_argument("--engine", default="auto", choices=ENGINES, metavar="E",
+                   help="auto (default: OpenVINO on a CPU), torch, openvino")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), metavar="T",
                    help="stored: float32 (default), float16 (half the disk)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",

@@ -37,7 +37,7 @@ def write_dataset(root: Path, layout: dict[str, dict[str, int]], shape=(40, 24))
 
 @pytest.fixture(scope="session", autouse=True)
 def converted_models_in_the_sessions_folder(tmp_path_factory) -> Iterator[None]:
-    """Extraction with --engine openvino or auto converts models for OpenVINO and keeps them per user: in the tests,
+    """Extraction on a CPU converts models for OpenVINO (--engine auto) and keeps them per user: in the tests,
     one folder for the session (shared by its tests and their subprocesses), never the user's."""
     before = os.environ.get("XFEAT_CACHE_DIR")
     os.environ["XFEAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("xfeat-cache"))

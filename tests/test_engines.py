@@ -80,7 +80,7 @@ def test_the_engine_is_recorded_auto_keeps_it_and_predict_scores_as_the_cache(tm
                            device="cpu", jobs=1, workers=0, engine="torch")
     torch_cache, ov_cache = tmp_path / "t.h5", tmp_path / "o.h5"
     extract(data, torch_cache, config)
-    summary = extract(data, ov_cache, ExtractConfig(**{**config.__dict__, "engine": "auto"}))
+    summary = extract(data, ov_cache, ExtractConfig(**{**config.__dict__, "engine": "auto"}))  # the default
     assert summary.engine == "openvino"  # on a CPU with OpenVINO installed
     t, o = load_features(torch_cache, "resnet18", "m2"), load_features(ov_cache, "resnet18", "m2")
     assert o.settings.engine == "openvino" and t.settings.engine == "torch"

@@ -58,7 +58,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"
-    engine: str = "torch"  # torch | openvino | auto (xfeat.features.engines); resolved before planning
+    engine: str = "auto"  # auto | torch | openvino (xfeat.features.engines); resolved before planning
     batch_size: int | None = None  # images per forward pass (each gives `flips` samples)
     workers: int | None = None  # decoding processes; 0 or 1 decode in this process
     jobs: int | None = None  # processes for the statistics pass
